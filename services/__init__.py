@@ -1,0 +1,1 @@
+"""vison services: ingest, validator, analyzer, metatest, scriptgen, plus the simulator and CLI."""

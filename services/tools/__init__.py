@@ -1,0 +1,1 @@
+"""Command-line tools for people (quick look, inspection, results, stack, demo)."""
