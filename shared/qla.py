@@ -12,19 +12,30 @@ QLA_REGIONS = ("pre", "img", "ove")
 
 
 def region_stats(values: np.ndarray) -> dict[str, float]:
-    """mean, std, min, max, p25, p50, p75 of an array (ADU); NaN for an empty one."""
-    flat = np.asarray(values, dtype=np.float64).ravel()
-    if flat.size == 0:
+    """mean, std, min, max, p25, p50, p75 of an array (ADU); NaN for an empty one.
+
+    Quartiles use linear interpolation between order statistics (numpy's default), found with
+    one partial sort of a float32 copy: several times faster than ``np.percentile``."""
+    flat = np.ascontiguousarray(values, dtype=np.float32).ravel()
+    n = flat.size
+    if n == 0:
         return {k: float("nan") for k in STAT_KEYS}
-    p25, p50, p75 = np.percentile(flat, [25, 50, 75])
+    positions = [q * (n - 1) for q in (0.25, 0.5, 0.75)]
+    kth = sorted({int(np.floor(p)) for p in positions} | {min(int(np.floor(p)) + 1, n - 1) for p in positions})
+    part = np.partition(flat, kth)
+    quartiles = []
+    for p in positions:
+        lo = int(np.floor(p))
+        hi = min(lo + 1, n - 1)
+        quartiles.append(float(part[lo]) + (p - lo) * (float(part[hi]) - float(part[lo])))
     return {
-        "mean": float(flat.mean()),
-        "std": float(flat.std()),
+        "mean": float(flat.mean(dtype=np.float64)),
+        "std": float(flat.std(dtype=np.float64)),
         "min": float(flat.min()),
         "max": float(flat.max()),
-        "p25": float(p25),
-        "p50": float(p50),
-        "p75": float(p75),
+        "p25": quartiles[0],
+        "p50": quartiles[1],
+        "p75": quartiles[2],
     }
 
 
