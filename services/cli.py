@@ -25,7 +25,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validator": ("services.validator.main", "run the validator service"),
     "analyzer": ("services.analyzer.main", "run the analyzer service (collector + workers)"),
     "analyze": ("services.analyzer.offline", "run a test's analysis offline on a data folder"),
-    "metatest": ("services.metatest.main", "run the metatest service"),
     "scriptgen": ("services.scriptgen.main", "write acquisition scripts for a campaign (or run as a service)"),
     "grafana": ("services.tools.grafana", "publish the Grafana dashboards to a running Grafana"),
 }

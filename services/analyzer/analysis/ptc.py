@@ -1,0 +1,726 @@
+"""PTC01 / PTC02: photon transfer curve, gain, brighter-fatter a-matrix, turnoff, blooming, HER.
+
+Per pair of flats at equal exposure time (same CCD, same wavelength; frames paired in ObsID
+order), per canonical quadrant (image area minus an edge of ``edge`` pixels):
+
+- offset: global median of the trimmed prescan (default: row-by-row offsets would add the
+  prescan noise to every row of the difference image);
+- clipped means ``mu1``, ``mu2`` (ADU); pairs with ``|mu1 - mu2| / mean > 10 %`` are rejected;
+- symmetric difference ``D = (mu2 I1 - mu1 I2) / ((mu1 + mu2) / 2)`` (cancels illumination and
+  PRNU, and a flux mismatch between the two frames);
+- variance ``var(D) / 2`` from the sigma-clipped D with the Gaussian clipping correction;
+- covariances ``C_ij`` of D / 2 for lags 0..``max_lag`` by FFT (float64) with the pixel mask
+  (clipped pixels, NaN), averaged over the (+j, -j) lags; ``cov[i, j]``: **i = serial (x,
+  along a row), j = parallel (y, along a column)** (Astier et al. 2019 convention);
+- Kolmogorov-Smirnov test of D (random subsample, standardised): pairs with p < 0.01 rejected.
+
+Per quadrant fits of the accepted pairs:
+
+(a) exponential model ``C00 = (exp(2 a00 g mu) - 1) / (2 a00 g^2) + n00 / g^2`` (Astier 2019
+    eq. 16; mu ADU, g e-/ADU, a00 1/e-, n00 e-^2) with 5-sigma iterative outlier rejection
+    after cutting the points beyond the turnoff (where the binned variance starts to fall);
+    ``turnoff_adu`` = highest retained mean. ``gain``, ``gain_err``, ``a00``, ``noise_e``.
+(b) full covariance model (Astier 2019 eq. 20) on all lags 0..``fit_lag``: a_ij, b_ij
+    (from the fitted c = a b), noise matrix and gain (``gain_full``), fitted together
+    (scipy ``least_squares``) from a per-lag parabola initialisation.
+(c) the plain quadratic ``C00 = c0 + mu / g + c2 mu^2`` (the original campaign software's).
+
+Also: blooming level (first fluence group whose variance falls below the model by more than
+``bloom_rel_drop`` and ``bloom_nsigma`` for ``bloom_consecutive`` consecutive groups; a lower
+limit at the highest fluence when not reached), hard-edge response
+``HER = (O_1 - O_far) / (I_last - O_far)`` (first serial-overscan column vs last image column,
+row means, offset-subtracted), overscan RON and the PTC noise cross-check (warn > 5 %).
+
+Pure functions: :func:`measure_pair`, :func:`fit_exponential`, :func:`fit_full_covariance`,
+:func:`fit_quadratic`, :func:`analyse_ptc`; :func:`run_test` is the analyzer plug-in.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from pydantic import BaseModel, Field
+from scipy import fft as sfft
+from scipy import optimize, stats
+
+from services.analyzer.analysis.common import (
+    FrameInput,
+    as_frames,
+    clip_mask,
+    clip_variance_correction,
+    clipped_stats,
+    group_by,
+    iterative_fit,
+    mad_std,
+    row_offsets,
+)
+from shared.geometry import IMAGE_COLS, IMAGE_ROWS, PRESCAN_COLS, QUADRANTS, STANDARD_TRIMS, region
+
+TESTS = ("PTC01", "PTC02")
+ADC_MAX = 65535.0
+FULL_SCALE = 65536.0
+
+
+class PTCParams(BaseModel):
+    """Analysis parameters of PTC01/02 (and BF01, which re-analyses PTC data)."""
+
+    offset_method: str = Field("global", description="offset subtraction: global (prescan median) | row")
+    edge: int = Field(5, ge=0, description="pixels dropped at every edge of the image area")
+    mean_nsigma: float = Field(5.0, description="clipping of the frame means mu1, mu2")
+    diff_nsigma: float = Field(5.0, description="clipping of the difference image (mask and variance)")
+    max_lag: int = Field(8, ge=0, le=32, description="largest covariance lag measured")
+    fit_lag: int = Field(8, ge=0, le=32, description="largest lag in the full covariance fit (<= max_lag)")
+    max_mismatch: float = Field(0.10, description="reject pairs whose fluences differ by more than this fraction")
+    ks_pmin: float = Field(0.01, description="reject pairs whose difference image fails the KS normality test below this p")
+    ks_nsample: int = Field(20000, description="pixels drawn for the KS test")
+    outlier_nsigma: float = Field(5.0, description="iterative outlier rejection of the PTC fits")
+    turnoff_rel_drop: float = Field(0.005, description="relative drop of the binned variance that marks the turnoff")
+    bloom_rel_drop: float = Field(0.02, description="relative variance deficit vs the model that marks blooming")
+    bloom_nsigma: float = Field(5.0, description="... and its significance")
+    bloom_consecutive: int = Field(2, ge=1, description="consecutive fluence groups below the model")
+    her_range: tuple[float, float] = Field((0.2, 0.8), description="fluence range (fraction of 2^16 ADU) of frames used for HER")
+    ron_tolerance: float = Field(0.05, description="PTC noise vs overscan RON: warn beyond this relative difference")
+    full_fit: bool = Field(True, description="run the full covariance (Astier eq. 20) fit")
+    fit_b: bool = Field(True, description="fit the b matrix in the full model (else b = 0)")
+    seed: int = Field(12345, description="seed of the KS subsample")
+
+
+# ----------------------------------------------------------------------------- pair level
+
+
+@dataclass
+class PairMeasurement:
+    """One pair of flats, one quadrant. Means in ADU, variance / covariances in ADU^2 (per
+    frame, i.e. of D / 2); ``cov[i, j]``: i serial lag, j parallel lag; ``cov[0, 0] == var``."""
+
+    ccd: str
+    quadrant: str
+    obsids: tuple[int, int]
+    exptime: float
+    wave: float | None
+    mu1: float
+    mu2: float
+    mu: float
+    var: float
+    var_err: float
+    cov: np.ndarray
+    npix: int
+    ks_p: float
+    mismatch: float
+    sat_frac: float
+    rejected: bool = False
+    reason: str = ""
+
+    def row(self) -> dict[str, Any]:
+        """Table row (JSON-able)."""
+        return {
+            "ccd": self.ccd,
+            "quadrant": self.quadrant,
+            "obsid1": self.obsids[0],
+            "obsid2": self.obsids[1],
+            "exptime": self.exptime,
+            "mu1": self.mu1,
+            "mu2": self.mu2,
+            "mu": self.mu,
+            "var": self.var,
+            "var_err": self.var_err,
+            "cov01": float(self.cov[0, 1]) if self.cov.shape[1] > 1 else float("nan"),
+            "cov10": float(self.cov[1, 0]) if self.cov.shape[0] > 1 else float("nan"),
+            "npix": self.npix,
+            "ks_p": self.ks_p,
+            "mismatch": self.mismatch,
+            "sat_frac": self.sat_frac,
+            "rejected": self.rejected,
+            "reason": self.reason,
+        }
+
+
+def _image(quad: np.ndarray, offset_method: str, edge: int) -> np.ndarray:
+    """Offset-subtracted image area (float64) minus ``edge`` pixels on every side."""
+    method = "global" if offset_method == "global" else "row"
+    off = row_offsets(quad, method)
+    img = np.asarray(quad[edge : IMAGE_ROWS - edge, PRESCAN_COLS + edge : PRESCAN_COLS + IMAGE_COLS - edge], dtype=np.float64)
+    return img - off[edge : IMAGE_ROWS - edge, None]
+
+
+def masked_covariances(img: np.ndarray, mask: np.ndarray, max_lag: int) -> tuple[np.ndarray, np.ndarray]:
+    """Covariances of ``img`` over the pixels where ``mask`` is True, for lags 0..max_lag, by FFT
+    (float64, zero-padded: no wrap-around). Returns ``(cov[i, j], npairs[i, j])`` with i the
+    serial (column) lag and j the parallel (row) lag, each the mean of the (+i, +j) and
+    (-i, +j) estimates. The mean of the masked pixels is subtracted first."""
+    w = mask.astype(np.float64)
+    n = w.sum()
+    if n == 0:
+        return np.full((max_lag + 1, max_lag + 1), np.nan), np.zeros((max_lag + 1, max_lag + 1))
+    x = np.where(mask, img, 0.0)
+    x = (x - x.sum() / n) * w
+    ny, nx = x.shape
+    shape = (sfft.next_fast_len(ny + max_lag, real=True), sfft.next_fast_len(nx + max_lag, real=True))
+    fx = sfft.rfft2(x, s=shape)
+    sxx = sfft.irfft2(fx * np.conj(fx), s=shape)
+    fw = sfft.rfft2(w, s=shape)
+    sww = sfft.irfft2(fw * np.conj(fw), s=shape)
+    L = max_lag + 1
+    # autocorrelation index [dy, dx]: dy >= 0 rows 0..L-1; dx in 0..L-1 and -(1..L-1) at the end
+    pos_s, pos_n = sxx[:L, :L], np.rint(sww[:L, :L])
+    neg_s = np.concatenate([sxx[:L, :1], sxx[:L, -1 : -L : -1]], axis=1) if L > 1 else sxx[:L, :1]
+    neg_n = np.rint(np.concatenate([sww[:L, :1], sww[:L, -1 : -L : -1]], axis=1)) if L > 1 else np.rint(sww[:L, :1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        c = 0.5 * (pos_s / pos_n + neg_s / neg_n)
+    npairs = pos_n + neg_n
+    npairs[0, 0] = pos_n[0, 0]
+    return c.T.copy(), npairs.T.copy()  # [dy, dx] -> [i = dx (serial), j = dy (parallel)]
+
+
+def ks_normality(values: np.ndarray, n: int, rng: np.random.Generator) -> float:
+    """p-value of a Kolmogorov-Smirnov test of normality of a random subsample of ``values``
+    (standardised by its own mean and std; jittered by U(-0.5, 0.5) to smooth ADU
+    quantisation)."""
+    v = values[np.isfinite(values)]
+    if v.size < 50:
+        return float("nan")
+    take = v if v.size <= n else v[rng.integers(0, v.size, n)]
+    take = take + rng.uniform(-0.5, 0.5, take.size)
+    s = take.std()
+    if s <= 0:
+        return 0.0
+    return float(stats.kstest((take - take.mean()) / s, "norm").pvalue)
+
+
+def measure_pair(
+    q1: np.ndarray,
+    q2: np.ndarray,
+    params: PTCParams | None = None,
+    *,
+    ccd: str = "CCD1",
+    quadrant: str = "E",
+    obsids: tuple[int, int] = (0, 0),
+    exptime: float = 0.0,
+    wave: float | None = None,
+    rng: np.random.Generator | None = None,
+) -> PairMeasurement:
+    """Mean, variance and covariances of one pair of canonical quadrants (raw ADU)."""
+    p = params or PTCParams()
+    rng = rng or np.random.default_rng(p.seed)
+    e = p.edge
+    raw_sat = (
+        np.asarray(q1[e : IMAGE_ROWS - e, PRESCAN_COLS + e : PRESCAN_COLS + IMAGE_COLS - e]) >= ADC_MAX
+    ) | (np.asarray(q2[e : IMAGE_ROWS - e, PRESCAN_COLS + e : PRESCAN_COLS + IMAGE_COLS - e]) >= ADC_MAX)
+    sat_frac = float(raw_sat.mean())
+    i1 = _image(q1, p.offset_method, e)
+    i2 = _image(q2, p.offset_method, e)
+    s1 = clipped_stats(i1, p.mean_nsigma, maxiters=5)
+    s2 = clipped_stats(i2, p.mean_nsigma, maxiters=5)
+    mu1, mu2 = s1.mean, s2.mean
+    mu = 0.5 * (mu1 + mu2)
+    mismatch = abs(mu1 - mu2) / mu if mu > 0 else float("inf")
+    nl = p.max_lag + 1
+    base = dict(ccd=ccd, quadrant=quadrant, obsids=tuple(obsids), exptime=float(exptime), wave=wave, mu1=mu1, mu2=mu2, mu=mu,
+                mismatch=mismatch, sat_frac=sat_frac)
+    if not mu > 0:
+        return PairMeasurement(**base, var=float("nan"), var_err=float("nan"), cov=np.full((nl, nl), np.nan), npix=0,
+                               ks_p=float("nan"), rejected=True, reason="no signal")
+    d = (mu2 * i1 - mu1 * i2) / mu
+    del i1, i2
+    keep = clip_mask(d, p.diff_nsigma, maxiters=10)
+    # clip_mask stops when the kept set is stable: its threshold is diff_nsigma x the kept std
+    sd = float(np.std(d[keep]))
+    corr = clip_variance_correction(p.diff_nsigma * sd, sd)
+    cov, npairs = masked_covariances(d, keep, p.max_lag)
+    cov = cov * corr / 2.0
+    var = float(cov[0, 0])
+    npix = int(keep.sum())
+    ks_p = ks_normality(d[keep], p.ks_nsample, rng)
+    reason = ""
+    if mismatch > p.max_mismatch:
+        reason = f"fluence mismatch {100 * mismatch:.1f} %"
+    elif np.isfinite(ks_p) and ks_p < p.ks_pmin:
+        reason = f"non-Gaussian difference (KS p = {ks_p:.2g})"
+    return PairMeasurement(
+        **base,
+        var=var,
+        var_err=var * np.sqrt(2.0 / max(npix, 1)),
+        cov=cov,
+        npix=npix,
+        ks_p=ks_p,
+        rejected=bool(reason),
+        reason=reason,
+    )
+
+
+@dataclass
+class FrameQuadStats:
+    """Per-frame, per-quadrant quantities that need only one frame: fluence (ADU), saturated
+    fraction, overscan RON (ADU) and hard-edge response."""
+
+    obsid: int
+    ccd: str
+    quadrant: str
+    exptime: float
+    fluence: float
+    sat_frac: float
+    ron_ove_adu: float
+    her: float
+
+
+def frame_quad_stats(quad: np.ndarray, *, obsid: int = 0, ccd: str = "CCD1", quadrant: str = "E", exptime: float = 0.0) -> FrameQuadStats:
+    """Fluence, saturation, overscan RON and HER of one canonical quadrant of a flat.
+
+    HER = (O_1 - O_far) / (I_last - O_far): O_1 = mean of the first serial-overscan column,
+    O_far = mean of the overscan columns beyond the 5th, I_last = mean of the last image column
+    (all over the image rows, offset-subtracted with the prescan)."""
+    off = float(np.median(region(quad, "pre", STANDARD_TRIMS["pre"])))
+    img = np.asarray(quad[:IMAGE_ROWS, PRESCAN_COLS : PRESCAN_COLS + IMAGE_COLS], dtype=np.float32)
+    sat = float(np.mean(img >= ADC_MAX))
+    fluence = float(np.median(img[::4, ::4])) - off
+    ove0 = PRESCAN_COLS + IMAGE_COLS
+    o1 = float(np.mean(quad[:IMAGE_ROWS, ove0], dtype=np.float64)) - off
+    ofar = float(np.mean(quad[:IMAGE_ROWS, ove0 + 5 :], dtype=np.float64)) - off
+    ilast = float(np.mean(quad[:IMAGE_ROWS, ove0 - 1], dtype=np.float64)) - off
+    her = (o1 - ofar) / (ilast - ofar) if ilast - ofar > 0 else float("nan")
+    ron = clipped_stats(region(quad, "ove", STANDARD_TRIMS["ove"]), 4.0, maxiters=5).std_corrected
+    return FrameQuadStats(obsid, ccd, quadrant, float(exptime), fluence, sat, float(ron), float(her))
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def exponential_model(mu: np.ndarray, a00: float, gain: float, n00: float) -> np.ndarray:
+    """C00 (ADU^2) of Astier 2019 eq. 16: ``(exp(2 a00 g mu) - 1) / (2 a00 g^2) + n00 / g^2``
+    (mu ADU, a00 1/e-, g e-/ADU, n00 e-^2); ``mu / g + n00 / g^2`` when a00 = 0."""
+    mu = np.asarray(mu, dtype=np.float64)
+    x = 2.0 * a00 * gain * mu
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f = np.where(np.abs(x) > 1e-12, np.expm1(x) / np.where(x == 0, 1, x), 1.0 + 0.5 * x)
+    return mu / gain * f + n00 / gain**2
+
+
+@dataclass
+class ExpFit:
+    """Exponential PTC fit of one quadrant."""
+
+    gain: float
+    gain_err: float
+    a00: float
+    a00_err: float
+    n00: float
+    n00_err: float
+    chi2_red: float
+    kept: np.ndarray
+    turnoff_adu: float
+    success: bool
+
+
+def _groups(mu: np.ndarray, exptime: np.ndarray) -> list[np.ndarray]:
+    """Indices grouped by exposure time (rel 1e-3), sorted by median mean."""
+    gs = [np.asarray(g) for g in group_by(list(exptime), rel_tol=1e-3)]
+    return sorted(gs, key=lambda g: float(np.median(mu[g])))
+
+
+def find_turnoff(mu: np.ndarray, var: np.ndarray, exptime: np.ndarray, rel_drop: float = 0.005) -> np.ndarray:
+    """Boolean mask of points at or below the PTC turnoff: points are grouped by exposure time
+    (median mean and variance per group, in order of fluence) and everything from the first group
+    whose variance is lower than its predecessor's by more than ``rel_drop`` is cut."""
+    good = np.isfinite(mu) & np.isfinite(var)
+    out = good.copy()
+    idx = np.flatnonzero(good)
+    if idx.size < 3:
+        return out
+    groups = _groups(mu[idx], exptime[idx])
+    gvar = [float(np.median(var[idx][g])) for g in groups]
+    for k in range(1, len(groups)):
+        if gvar[k] < gvar[k - 1] * (1.0 - rel_drop):
+            for g in groups[k:]:
+                out[idx[g]] = False
+            break
+    return out
+
+
+def fit_exponential(
+    mu: np.ndarray, var: np.ndarray, var_err: np.ndarray, exptime: np.ndarray, params: PTCParams | None = None
+) -> ExpFit:
+    """Exponential-model fit (eq. 16) with turnoff cut and 5-sigma iterative rejection."""
+    p = params or PTCParams()
+    mu, var, var_err, exptime = (np.asarray(a, dtype=np.float64) for a in (mu, var, var_err, exptime))
+    use = find_turnoff(mu, var, exptime, p.turnoff_rel_drop)
+    if use.sum() < 4:
+        nan = float("nan")
+        return ExpFit(nan, nan, nan, nan, nan, nan, nan, use, nan, False)
+    # initial values from a quadratic fit
+    c2, c1, c0 = np.polyfit(mu[use], var[use], 2)
+    g0 = 1.0 / c1 if c1 > 0 else 3.0
+    # to first order C00 = mu / g + a00 mu^2 + n00 / g^2
+    p0 = [float(np.clip(c2, -1e-4, 1e-4)), g0, max(c0, 0.0) * g0 * g0]
+    sig = np.where(use, var_err, np.inf)
+    sig = np.where(np.isfinite(sig) & (sig > 0), sig, np.inf)
+    yin = np.where(use, var, np.nan)
+    fr = iterative_fit(exponential_model, mu, yin, p0, sigma=np.where(np.isfinite(sig), sig, 1.0), nsigma=p.outlier_nsigma,
+                       bounds=([-1e-3, 1e-3, -1e6], [1e-3, 1e3, 1e7]))
+    kept = fr.kept & use
+    a00, g, n00 = fr.params
+    ea, eg, en = fr.errors
+    turnoff = float(np.max(mu[kept])) if kept.any() else float("nan")
+    return ExpFit(float(g), float(eg), float(a00), float(ea), float(n00), float(en), fr.chi2_red, kept, turnoff, fr.success)
+
+
+def fit_quadratic(mu: np.ndarray, var: np.ndarray, var_err: np.ndarray, kept: np.ndarray) -> dict[str, float]:
+    """Plain quadratic ``var = c0 + c1 mu + c2 mu^2`` on the kept points: gain = 1 / c1."""
+    mu, var, var_err = (np.asarray(a, dtype=np.float64) for a in (mu, var, var_err))
+    if kept.sum() < 4:
+        return {"gain_quad": float("nan"), "gain_quad_err": float("nan"), "c2_quad": float("nan"), "c0_quad": float("nan")}
+    coef, cov = np.polyfit(mu[kept], var[kept], 2, w=1.0 / var_err[kept], cov=True)
+    c2, c1, c0 = coef
+    g = 1.0 / c1
+    return {"gain_quad": float(g), "gain_quad_err": float(np.sqrt(cov[1, 1]) / c1**2), "c2_quad": float(c2), "c0_quad": float(c0)}
+
+
+# ----------------------------------------------------------------------------- full covariance model
+
+
+def _symmetric_plane(m: np.ndarray, size: int) -> np.ndarray:
+    """The quadrant array ``m[i, j]`` (i, j >= 0) mirrored onto a periodic ``size x size`` plane
+    (origin at [0, 0]) so that m(-i, j) = m(i, -j) = m(i, j)."""
+    r = m.shape[0]
+    plane = np.zeros((size, size))
+    ii = np.arange(r)
+    for si in (ii, (-ii) % size):
+        for sj in (ii, (-ii) % size):
+            plane[np.ix_(si, sj)] = m
+    return plane
+
+
+def full_covariance_model(mu: np.ndarray, a: np.ndarray, c: np.ndarray, noise: np.ndarray, gain: float) -> np.ndarray:
+    """Astier et al. 2019 eq. 20: ``C_ij(mu)`` (ADU^2), shape (len(mu), r, r)::
+
+        C_ij = mu/g [delta_ij + a_ij mu g + 2/3 (a*a + c)_ij (mu g)^2 + (1/3 a*a*a + 5/6 a*c)_ij (mu g)^3]
+               + n_ij / g^2
+
+    with ``*`` the 2-D discrete convolution over the symmetric plane, ``c = a b`` (element-wise),
+    a, b in 1/e-, n in e-^2, mu in ADU."""
+    r = a.shape[0]
+    size = int(2 ** np.ceil(np.log2(6 * r)))
+    fa = np.fft.rfft2(_symmetric_plane(a, size))
+    fc = np.fft.rfft2(_symmetric_plane(c, size))
+    a2 = np.fft.irfft2(fa * fa, s=(size, size))[:r, :r]
+    a3 = np.fft.irfft2(fa * fa * fa, s=(size, size))[:r, :r]
+    ac = np.fft.irfft2(fa * fc, s=(size, size))[:r, :r]
+    x = np.asarray(mu, dtype=np.float64)[:, None, None] * gain
+    model = x / gain**2 * (a[None] * x + 2.0 / 3.0 * (a2 + c)[None] * x**2 + (a3 / 3.0 + 5.0 / 6.0 * ac)[None] * x**3)
+    model = model + noise[None] / gain**2
+    model[:, 0, 0] += np.asarray(mu, dtype=np.float64) / gain
+    return model
+
+
+@dataclass
+class FullCovFit:
+    """Full covariance fit of one quadrant: a, b (1/e-), noise (e-^2) matrices [i serial, j
+    parallel], gain (e-/ADU) and errors, reduced chi^2."""
+
+    a: np.ndarray
+    b: np.ndarray
+    c: np.ndarray
+    noise: np.ndarray
+    gain: float
+    gain_err: float
+    a_err: np.ndarray
+    chi2_red: float
+    success: bool
+    message: str = ""
+
+
+def fit_full_covariance(
+    mu: np.ndarray, cov: np.ndarray, npix: np.ndarray, gain0: float, a00_0: float = -1e-6, fit_b: bool = True, nsigma: float = 5.0
+) -> FullCovFit:
+    """Fit eq. 20 to covariances ``cov`` (n, r, r) at means ``mu`` (n,) from ``npix`` pixels.
+
+    Weights: sigma(C_ij) = C00 sqrt((1 + delta_ij) / npix). Initialisation: per-lag parabolas of
+    the data minus the current model (Astier's scheme), then ``least_squares`` on all a_ij,
+    c_ij, n_ij and the gain; points whose C00 residual exceeds ``nsigma`` (robust) are dropped
+    once and the fit repeated."""
+    mu = np.asarray(mu, dtype=np.float64)
+    cov = np.asarray(cov, dtype=np.float64)
+    n, r, _ = cov.shape
+    sig = cov[:, :1, :1] * np.sqrt(1.0 / np.asarray(npix, dtype=np.float64))[:, None, None] * np.ones((1, r, r))
+    sig[:, 0, 0] *= np.sqrt(2.0)
+    a = np.zeros((r, r))
+    a[0, 0] = a00_0
+    c = np.zeros((r, r))
+    noise = np.zeros((r, r))
+    gain = float(gain0)
+    # --- per-lag parabola initialisation
+    for _ in range(5):
+        model = full_covariance_model(mu, a, c, noise, gain)
+        for i in range(r):
+            for j in range(r):
+                pf = np.polyfit(mu, cov[:, i, j] - model[:, i, j], 2, w=1.0 / sig[:, i, j])
+                a[i, j] += pf[0]
+                noise[i, j] += pf[2] * gain * gain
+                if i == 0 and j == 0:
+                    gain = 1.0 / (1.0 / gain + pf[1])
+    keep = np.ones(n, bool)
+    nA = r * r
+
+    def unpack(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        aa = x[:nA].reshape(r, r)
+        cc = x[nA : 2 * nA].reshape(r, r) if fit_b else np.zeros((r, r))
+        off = 2 * nA if fit_b else nA
+        nn = x[off : off + nA].reshape(r, r)
+        return aa, cc, nn, float(x[-1])
+
+    # scale parameters to O(1) for the optimiser
+    sa, sc, sn = 1e-6, 1e-12, 1.0
+
+    def pack(aa, cc, nn, g):
+        parts = [aa.ravel() / sa] + ([cc.ravel() / sc] if fit_b else []) + [nn.ravel() / sn, [g]]
+        return np.concatenate(parts)
+
+    def unscale(x):
+        y = x.copy()
+        y[:nA] *= sa
+        if fit_b:
+            y[nA : 2 * nA] *= sc
+            y[2 * nA : 3 * nA] *= sn
+        else:
+            y[nA : 2 * nA] *= sn
+        return y
+
+    def resid(x, sel):
+        aa, cc, nn, g = unpack(unscale(x))
+        m = full_covariance_model(mu[sel], aa, cc, nn, g)
+        return ((cov[sel] - m) / sig[sel]).ravel()
+
+    x0 = pack(a, c, noise, gain)
+    res = None
+    for _ in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = optimize.least_squares(resid, x0, args=(keep,), method="trf", x_scale="jac", max_nfev=200)
+        rr = resid(res.x, np.ones(n, bool)).reshape(n, r, r)[:, 0, 0]
+        scale = max(mad_std(rr[keep]), 1.0)
+        new = np.abs(rr) <= nsigma * scale
+        if new.sum() == keep.sum() or new.sum() < 4:
+            break
+        keep = new
+        x0 = res.x
+    aa, cc, nn, g = unpack(unscale(res.x))
+    dof = max(keep.sum() * r * r - res.x.size, 1)
+    chi2 = float(np.sum(res.fun**2) / dof)
+    try:
+        jtj = res.jac.T @ res.jac
+        pcov = np.linalg.pinv(jtj) * max(chi2, 1.0)
+        perr = unscale(np.sqrt(np.clip(np.diag(pcov), 0, None)))
+        # unscale multiplies; errors scale the same way
+    except np.linalg.LinAlgError:  # pragma: no cover
+        perr = np.full(res.x.size, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        b = np.where(aa != 0, cc / aa, 0.0)
+    return FullCovFit(
+        a=aa, b=b, c=cc, noise=nn, gain=g, gain_err=float(perr[-1]), a_err=perr[:nA].reshape(r, r), chi2_red=chi2,
+        success=bool(res.success), message=str(res.message),
+    )
+
+
+# ----------------------------------------------------------------------------- results
+
+
+class PTCQuadResult(BaseModel):
+    """Per CCD quadrant result of PTC01/02 (gain e-/ADU, means ADU, a / b in 1/e-)."""
+
+    gain: float = Field(description="gain from the exponential model (e-/ADU)")
+    gain_err: float
+    a00: float = Field(description="brighter-fatter a00 from the exponential model (1/e-)")
+    a00_err: float
+    noise_e: float = Field(description="PTC read-noise term sqrt(n00) (e-); NaN if n00 < 0")
+    n00_e2: float
+    noise_e_err: float
+    chi2_red: float
+    turnoff_adu: float = Field(description="highest mean retained in the exponential fit (ADU)")
+    bloom_adu: float = Field(description="blooming level: first fluence below the model (ADU), or the highest fluence measured")
+    bloom_is_lower_limit: bool
+    her: float = Field(description="hard-edge response at the image -> serial overscan transition")
+    gain_quad: float = Field(description="gain of the plain quadratic fit (original method)")
+    gain_quad_err: float
+    gain_full: float | None = Field(None, description="gain of the full covariance model (Astier eq. 20)")
+    gain_full_err: float | None = None
+    a00_full: float | None = None
+    a10_full: float | None = Field(None, description="a (serial lag 1) of the full model (1/e-)")
+    a01_full: float | None = Field(None, description="a (parallel lag 1) of the full model (1/e-)")
+    full_chi2_red: float | None = None
+    ron_ove_adu: float = Field(description="overscan RON (ADU), median over frames")
+    ron_ove_e: float
+    noise_ron_ratio: float = Field(description="PTC noise / overscan RON (e-)")
+    noise_check_ok: bool
+    n_pairs: int
+    n_rejected: int
+    n_fit: int
+    fit_ok: bool
+
+
+@dataclass
+class PTCQuadAnalysis:
+    """Everything measured for one quadrant (results + arrays for figures / BF01)."""
+
+    result: PTCQuadResult
+    pairs: list[PairMeasurement]
+    exp: ExpFit
+    full: FullCovFit | None
+    used: np.ndarray  # pairs accepted (not rejected), index into pairs
+
+
+@dataclass
+class PTCAnalysis:
+    """Output of :func:`analyse_ptc`: per CCD / quadrant analyses, per-frame stats, warnings."""
+
+    quads: dict[str, dict[str, PTCQuadAnalysis]]
+    frames: list[FrameQuadStats]
+    warnings: list[str] = field(default_factory=list)
+    params: PTCParams = field(default_factory=PTCParams)
+
+    def results(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """``results[CCD][Q]`` as JSON-able dicts."""
+        return {ccd: {q: a.result.model_dump() for q, a in qs.items()} for ccd, qs in self.quads.items()}
+
+
+def pair_frames(frames: Sequence[FrameInput]) -> list[tuple[int, int]]:
+    """Index pairs of frames at equal exposure time and wavelength (same CCD), in ObsID order:
+    (1st, 2nd), (3rd, 4th), ... of each group; an odd frame out is left unpaired."""
+    keys: dict[tuple[str, Any], list[int]] = {}
+    for i, f in enumerate(frames):
+        keys.setdefault((f.ccd, f.wave), []).append(i)
+    out: list[tuple[int, int]] = []
+    for (_, _), idx in keys.items():
+        for g in group_by([frames[i].exptime for i in idx], rel_tol=1e-3):
+            members = sorted((idx[k] for k in g), key=lambda i: (frames[i].obsid, i))
+            out += [(members[k], members[k + 1]) for k in range(0, len(members) - 1, 2)]
+    return sorted(out, key=lambda ab: (frames[ab[0]].ccd, frames[ab[0]].exptime, frames[ab[0]].obsid))
+
+
+def measure_all_pairs(
+    frames: Sequence[FrameInput], params: PTCParams, quadrants: Sequence[str] = QUADRANTS
+) -> tuple[dict[str, dict[str, list[PairMeasurement]]], list[FrameQuadStats]]:
+    """Measure every pair (loads two frames at a time) and per-frame stats."""
+    rng = np.random.default_rng(params.seed)
+    pairs: dict[str, dict[str, list[PairMeasurement]]] = {}
+    fstats: list[FrameQuadStats] = []
+    for ia, ib in pair_frames(frames):
+        fa, fb = frames[ia], frames[ib]
+        qa, qb = fa.load(), fb.load()
+        for q in quadrants:
+            if q not in qa or q not in qb:
+                continue
+            m = measure_pair(qa[q], qb[q], params, ccd=fa.ccd, quadrant=q, obsids=(fa.obsid, fb.obsid),
+                             exptime=fa.exptime, wave=fa.wave, rng=rng)
+            pairs.setdefault(fa.ccd, {}).setdefault(q, []).append(m)
+            for f, qq in ((fa, qa), (fb, qb)):
+                fstats.append(frame_quad_stats(qq[q], obsid=f.obsid, ccd=f.ccd, quadrant=q, exptime=f.exptime))
+        del qa, qb
+    return pairs, fstats
+
+
+def find_bloom(mu, var, model, var_err, exptime, params: PTCParams) -> tuple[float, bool]:
+    """Blooming level: first exposure-time group (by fluence) that starts a run of
+    ``bloom_consecutive`` groups whose median variance lies below the model by more than
+    ``bloom_rel_drop`` (relative) and ``bloom_nsigma`` errors. Returns (mean ADU, is_lower_limit)."""
+    ok = np.isfinite(mu) & np.isfinite(var) & np.isfinite(model)
+    idx = np.flatnonzero(ok)
+    if idx.size == 0:
+        return float("nan"), True
+    groups = _groups(mu[idx], exptime[idx])
+    below = []
+    gmu = []
+    for g in groups:
+        ii = idx[g]
+        v, m, e = np.median(var[ii]), np.median(model[ii]), np.median(var_err[ii]) / np.sqrt(len(ii))
+        below.append(bool((m - v) > params.bloom_rel_drop * m and (m - v) > params.bloom_nsigma * e))
+        gmu.append(float(np.median(mu[ii])))
+    k = params.bloom_consecutive
+    for s in range(len(groups) - k + 1):
+        if all(below[s : s + k]):
+            return gmu[s], False
+    return float(np.max(mu[idx])), True
+
+
+def fit_quadrant(pairs: list[PairMeasurement], frames: list[FrameQuadStats], params: PTCParams) -> PTCQuadAnalysis:
+    """All fits of one quadrant from its pair measurements and frame stats."""
+    p = params
+    used = np.array([not m.rejected for m in pairs], dtype=bool)
+    mu = np.array([m.mu for m in pairs])
+    var = np.array([m.var for m in pairs])
+    err = np.array([m.var_err for m in pairs])
+    texp = np.array([m.exptime for m in pairs])
+    ex = fit_exponential(mu[used], var[used], err[used], texp[used], p)
+    kept_all = np.zeros(len(pairs), bool)
+    kept_all[np.flatnonzero(used)] = ex.kept
+    quad = fit_quadratic(mu, var, err, kept_all)
+    full = None
+    if p.full_fit and kept_all.sum() >= 6 and np.isfinite(ex.gain):
+        L = min(p.fit_lag, p.max_lag) + 1
+        covs = np.stack([m.cov[:L, :L] for m in pairs])[kept_all]
+        npix = np.array([m.npix for m in pairs])[kept_all]
+        try:
+            full = fit_full_covariance(mu[kept_all], covs, npix, ex.gain, ex.a00 if np.isfinite(ex.a00) else -1e-6, p.fit_b,
+                                       p.outlier_nsigma)
+        except (ValueError, np.linalg.LinAlgError) as exc:  # pragma: no cover - reported
+            full = FullCovFit(np.full((L, L), np.nan), np.full((L, L), np.nan), np.full((L, L), np.nan),
+                              np.full((L, L), np.nan), float("nan"), float("nan"), np.full((L, L), np.nan), float("nan"), False, str(exc))
+    if np.isfinite(ex.gain):
+        model = exponential_model(mu, ex.a00, ex.gain, ex.n00)
+        bloom, lower = find_bloom(np.where(used, mu, np.nan), var, model, err, texp, p)
+    else:
+        bloom, lower = (float(np.nanmax(mu)) if len(mu) else float("nan")), True
+    # frame-level: HER from unsaturated frames in the fluence range, overscan RON
+    lo, hi = p.her_range
+    hers = [f.her for f in frames if lo * FULL_SCALE <= f.fluence <= hi * FULL_SCALE and f.sat_frac < 1e-4 and np.isfinite(f.her)]
+    her = float(np.median(hers)) if hers else float("nan")
+    rons = [f.ron_ove_adu for f in frames if np.isfinite(f.ron_ove_adu)]
+    ron = float(np.median(rons)) if rons else float("nan")
+    g = ex.gain
+    noise_e = float(np.sqrt(ex.n00)) if ex.n00 > 0 else float("nan")
+    noise_err = float(0.5 * ex.n00_err / noise_e) if noise_e > 0 else float("nan")
+    ron_e = ron * g if np.isfinite(g) else float("nan")
+    ratio = noise_e / ron_e if ron_e and np.isfinite(ron_e) else float("nan")
+    res = PTCQuadResult(
+        gain=g, gain_err=ex.gain_err, a00=ex.a00, a00_err=ex.a00_err, noise_e=noise_e, n00_e2=ex.n00, noise_e_err=noise_err,
+        chi2_red=ex.chi2_red, turnoff_adu=ex.turnoff_adu, bloom_adu=bloom, bloom_is_lower_limit=lower, her=her,
+        gain_quad=quad["gain_quad"], gain_quad_err=quad["gain_quad_err"],
+        gain_full=full.gain if full else None, gain_full_err=full.gain_err if full else None,
+        a00_full=float(full.a[0, 0]) if full else None,
+        a10_full=float(full.a[1, 0]) if full and full.a.shape[0] > 1 else None,
+        a01_full=float(full.a[0, 1]) if full and full.a.shape[0] > 1 else None,
+        full_chi2_red=full.chi2_red if full else None,
+        ron_ove_adu=ron, ron_ove_e=ron_e, noise_ron_ratio=ratio,
+        noise_check_ok=bool(np.isfinite(ratio) and abs(ratio - 1.0) <= p.ron_tolerance),
+        n_pairs=len(pairs), n_rejected=int((~used).sum()), n_fit=int(kept_all.sum()),
+        fit_ok=bool(ex.success and np.isfinite(g)),
+    )
+    return PTCQuadAnalysis(result=res, pairs=pairs, exp=ex, full=full, used=used)
+
+
+def analyse_ptc(frames: Iterable[Any], definition: Any = None, params: PTCParams | dict | None = None,
+                quadrants: Sequence[str] = QUADRANTS) -> PTCAnalysis:
+    """PTC01 / PTC02 analysis of a list of flats (:class:`FrameInput` or equivalent dicts; all
+    CCDs mixed). ``definition`` is accepted for the common signature and not needed."""
+    p = params if isinstance(params, PTCParams) else PTCParams(**{k: v for k, v in (params or {}).items() if k in PTCParams.model_fields})
+    fr = as_frames(frames)
+    pairs, fstats = measure_all_pairs(fr, p, quadrants)
+    out: dict[str, dict[str, PTCQuadAnalysis]] = {}
+    warn: list[str] = []
+    for ccd in sorted(pairs):
+        for q in quadrants:
+            if q not in pairs[ccd]:
+                continue
+            qa = fit_quadrant(pairs[ccd][q], [f for f in fstats if f.ccd == ccd and f.quadrant == q], p)
+            out.setdefault(ccd, {})[q] = qa
+            r = qa.result
+            if not r.fit_ok:
+                warn.append(f"{ccd} {q}: PTC fit failed")
+            elif not r.noise_check_ok:
+                warn.append(f"{ccd} {q}: PTC noise {r.noise_e:.2f} e- differs from the overscan RON {r.ron_ove_e:.2f} e- by more than "
+                            f"{100 * p.ron_tolerance:.0f} %")
+            if r.n_rejected:
+                reasons = sorted({m.reason for m in qa.pairs if m.rejected})
+                warn.append(f"{ccd} {q}: {r.n_rejected} pair(s) rejected ({'; '.join(reasons)})")
+    return PTCAnalysis(quads=out, frames=fstats, warnings=warn, params=p)

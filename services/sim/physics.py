@@ -1,0 +1,636 @@
+"""Detector physics of the acquisition simulator: pure functions on numpy arrays, in canonical
+quadrant orientation (readout node at [0, 0]; rows = parallel direction, columns = serial).
+
+Units: charge in electrons (e-), signal in ADU, time in seconds, gain in e-/ADU.
+
+The chain for one quadrant of one frame (``simulate_quadrant``):
+
+1. expected charge per image pixel ``lam`` (e-): illumination ``flux * t * drift * response``
+   (``response`` = smooth large-scale pattern x (1 + PRNU) x bad-column factor) + dark current
+   (quadrant rate + hot pixels) x dark time (+ point sources or injected charge);
+2. shot noise: exact Poisson where ``lam`` is small (mean < ``POISSON_EXACT_BELOW`` e-),
+   otherwise the Gaussian limit ``lam + sqrt(lam) z`` (same mean and variance);
+3. brighter-fatter (:func:`bf_kernel`): the shot-noise deviation ``n = N - lam`` is
+   redistributed between nearest neighbours, ``Q = lam + h (*) n`` with a 5-point kernel
+   ``h`` that conserves charge (sum 1). ``h`` is chosen per quadrant and frame from the mean
+   fluence ``mu`` so that the pixel variance is *exactly* the exponential model
+   ``C00 = (exp(2 a00 mu) - 1) / (2 a00)`` (e-^2) and the nearest-neighbour covariances are
+   ``C10 = a10 mu^2``, ``C01 = a01 mu^2`` to first order (Astier et al. 2019 conventions:
+   ``a00 < 0``, ``a10, a01 > 0``, ``a00 = -2 (a10 + a01)``; lag 10 = serial / x, 01 = parallel / y);
+4. cosmic rays (short tracks, charge added);
+5. full well: charge above ``full_well_e`` blooms along the column, half up, half down, filling
+   the next pixels below full well (charge leaving the column ends is lost);
+6. conversion to ADU (``/ gain``) and non-linearity ``S' = S (1 + beta S)`` (S in ADU, offset
+   subtracted); ``beta = nl_pct / 100 / nl_at_adu`` so the non-linearity is ``nl_pct`` % at
+   ``nl_at_adu``;
+7. readout: offset + Gaussian read noise on every pixel (prescan / serial overscan / parallel
+   overscan are virtual: offset + noise only). The analogue noise is
+   ``sqrt(ron^2 - 1/12)`` so that the *digitised* standard deviation is ``ron_adu`` (the
+   quantity an analysis measures); the 16-bit ADC (round, clip to [0, 65535]) is applied by
+   :func:`shared.fitsio.to_uint16` when the frame is written.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from scipy.special import erf
+
+from shared.geometry import CCDS, IMAGE_COLS, IMAGE_ROWS, PRESCAN_COLS, QUADRANTS, Geometry
+from shared.refdata import block_offsets
+
+ADC_MAX = 65535
+FULL_SCALE_ADU = 2**16  # the campaign's "full well" reference for fluence fractions and tFWC
+POISSON_EXACT_BELOW = 200.0  # e-: mean charge below which shot noise is drawn exactly (Poisson)
+PIXEL_CM = 12e-4  # pixel pitch 12 um
+CCD_IMAGE_ROWS = 2 * IMAGE_ROWS  # 4132 rows x 4096 columns of photosensitive pixels per CCD
+CCD_IMAGE_COLS = 2 * IMAGE_COLS
+REFERENCE_GAIN = 3.3  # e-/ADU: a source giving 2^16 ADU in tFWC at this gain (chamber profiles)
+
+FrameKind = Literal["bias", "dark", "flat", "point", "chinj"]
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration and truth models
+# --------------------------------------------------------------------------------------------
+
+
+class PhysicsConfig(BaseModel):
+    """Knobs of the detector model. Ranges draw one value per quadrant from the model seed;
+    a fixed value (``ron_adu`` etc.) overrides the range for every quadrant."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    offset_scatter_adu: float = Field(3.0, ge=0, description="per-quadrant offset delta drawn in +/- this (ADU) around the block reference")
+    ron_range_adu: tuple[float, float] = (1.30, 1.50)
+    ron_adu: float | None = Field(None, description="read noise (digitised std, ADU) for every quadrant")
+    gain_range: tuple[float, float] = (3.10, 3.50)
+    gain: float | None = Field(None, description="gain (e-/ADU) for every quadrant")
+    dark_range_e_per_s: tuple[float, float] = (0.001, 0.003)
+    full_well_range_e: tuple[float, float] = (195_000.0, 210_000.0)
+    prnu_pct: float = Field(1.0, ge=0, description="pixel-to-pixel response std (%)")
+    illum_gradient: tuple[float, float] = Field((0.01, -0.005), description="linear illumination gradient across the CCD (x, y) per half-width")
+    illum_vignetting: float = Field(-0.02, description="quadratic fall-off (u^2 + v^2) of the illumination")
+    nl_pct: float = Field(0.0, description="non-linearity (%) at nl_at_fraction of 2^16 ADU (0 = linear)")
+    nl_at_fraction: float = Field(0.9, gt=0, description="fluence (fraction of 2^16 ADU) where NL equals nl_pct")
+    bf_a00: float = Field(-1.0e-6, le=0, description="brighter-fatter a00 (1/e-, Astier convention, <= 0; 0 disables)")
+    bf_anisotropy: float = Field(1.3, gt=0, description="a01 / a10 (parallel / serial nearest-neighbour strength)")
+    drift_pct_per_hour: float = Field(0.0, description="linear source flux drift (% per hour from the start of the run)")
+    hot_pixels: int = Field(0, ge=0, description="hot pixels per CCD")
+    hot_pixel_range_e_per_s: tuple[float, float] = (5.0, 100.0)
+    bad_columns: int = Field(0, ge=0, description="bad columns per CCD (half dead, half hot)")
+    cosmic_rate: float = Field(0.0, ge=0, description="cosmic rays per cm^2 per s (ground ~0.02); 0 disables")
+    point_fwhm_growth: float = Field(0.05, ge=0, description="relative spot FWHM growth at 2^16 ADU peak (BF on spots)")
+    focus_depth_mm: float = Field(0.4, gt=0, description="mirror defocus (mm) doubling the spot FWHM^2")
+
+
+class BFTruth(BaseModel):
+    """Brighter-fatter a-matrix (1/e-, Astier et al. 2019 sign convention)."""
+
+    a00: float
+    a10: float
+    a01: float
+
+
+class NLTruth(BaseModel):
+    """Quadratic non-linearity ``S' = S (1 + beta S)`` on the offset-subtracted signal S (ADU)."""
+
+    beta_per_adu: float
+    beta_per_e: float
+    pct: float
+    at_adu: float
+
+
+class QuadrantTruth(BaseModel):
+    """The injected values of one CCD quadrant."""
+
+    offset_adu: float
+    ron_adu: float = Field(description="read noise as the std of digitised data (ADU), quantisation included")
+    ron_analog_adu: float = Field(description="analogue noise injected before the 16-bit ADC (ADU)")
+    ron_e: float
+    gain_e_per_adu: float
+    dark_e_per_s: float
+    full_well_e: float
+    full_well_adu: float
+    prnu_pct: float
+    nl: NLTruth
+    bf: BFTruth
+
+
+class HotPixel(BaseModel):
+    """A hot pixel at canonical quadrant array indices (row, col; col includes the 51 prescan columns)."""
+
+    quadrant: str
+    row: int
+    col: int
+    dark_e_per_s: float
+
+
+class BadColumn(BaseModel):
+    """A defective column segment (canonical quadrant indices, rows [row_start, 2066)).
+    ``dead``: response multiplied by ``response``; ``hot``: extra dark current per pixel."""
+
+    quadrant: str
+    col: int
+    row_start: int
+    kind: Literal["dead", "hot"]
+    response: float = 1.0
+    dark_e_per_s: float = 0.0
+
+
+class CCDTruth(BaseModel):
+    quadrants: dict[str, QuadrantTruth]
+    hot_pixels: list[HotPixel] = []
+    bad_columns: list[BadColumn] = []
+
+
+# --------------------------------------------------------------------------------------------
+# Pure physics functions
+# --------------------------------------------------------------------------------------------
+
+
+def bf_coefficients(a00: float, anisotropy: float = 1.0) -> BFTruth:
+    """Nearest-neighbour a-matrix from a00 with charge conservation ``a00 = -2 (a10 + a01)``
+    and ``a01 = anisotropy * a10``."""
+    a10 = -a00 / (2.0 * (1.0 + anisotropy))
+    return BFTruth(a00=a00, a10=a10, a01=anisotropy * a10)
+
+
+def exponential_c00(mu_e: float | np.ndarray, a00: float) -> float | np.ndarray:
+    """Shot-noise variance (e-^2) of the exponential brighter-fatter model at fluence mu (e-):
+    ``(exp(2 a00 mu) - 1) / (2 a00)``; ``mu`` when ``a00 == 0``."""
+    if a00 == 0:
+        return mu_e
+    return np.expm1(2.0 * a00 * np.asarray(mu_e, dtype=float)) / (2.0 * a00)
+
+
+def bf_kernel(mu_e: float, bf: BFTruth) -> tuple[float, float, float]:
+    """The charge-conserving 5-point kernel ``(h0, hx, hy)`` (centre, each serial neighbour,
+    each parallel neighbour) applied to the shot-noise deviation at mean fluence ``mu_e``.
+
+    ``h0 + 2 hx + 2 hy = 1``; ``hx : hy = a10 : a01``; ``h0^2 + 2 hx^2 + 2 hy^2`` equals
+    ``exponential_c00(mu) / mu``, so the pixel variance follows the exponential model exactly.
+    To first order ``hx = a10 mu / 2`` and the covariance ``C10 = mu * 2 h0 hx ~ a10 mu^2``."""
+    if bf.a00 == 0 or mu_e <= 0:
+        return 1.0, 0.0, 0.0
+    target = float(exponential_c00(mu_e, bf.a00)) / mu_e  # < 1
+    x = mu_e * (bf.a10 + bf.a01)  # first-order charge fraction leaving a pixel
+    w = mu_e**2 * (bf.a10**2 + bf.a01**2) / 2.0
+    disc = x * x - (x * x + w) * (1.0 - target)
+    if disc < 0:  # beyond the model's validity: take the minimum-variance kernel
+        disc = 0.0
+    s = (x - math.sqrt(disc)) / (x * x + w)
+    hx = s * mu_e * bf.a10 / 2.0
+    hy = s * mu_e * bf.a01 / 2.0
+    return 1.0 - 2.0 * hx - 2.0 * hy, hx, hy
+
+
+def bf_expected_covariances(mu_e: float, bf: BFTruth) -> dict[str, float]:
+    """Covariances (e-^2) the BF kernel produces at fluence ``mu_e`` for lags (0,0), (1,0),
+    (0,1), (1,1), (2,0), (0,2) (first index = serial / x): ``mu * autocorrelation(h)``."""
+    h0, hx, hy = bf_kernel(mu_e, bf)
+    return {
+        "C00": mu_e * (h0 * h0 + 2 * hx * hx + 2 * hy * hy),
+        "C10": mu_e * 2 * h0 * hx,
+        "C01": mu_e * 2 * h0 * hy,
+        "C11": mu_e * 2 * hx * hy,
+        "C20": mu_e * hx * hx,
+        "C02": mu_e * hy * hy,
+    }
+
+
+def apply_bf(dev: np.ndarray, kernel: tuple[float, float, float]) -> np.ndarray:
+    """Convolve a deviation image (rows = parallel, cols = serial) with the 5-point kernel;
+    charge pushed past the array edge is dropped (edges are a negligible fraction)."""
+    h0, hx, hy = kernel
+    if hx == 0 and hy == 0:
+        return dev
+    out = dev * np.float32(h0)
+    if hx:
+        out[:, 1:] += np.float32(hx) * dev[:, :-1]
+        out[:, :-1] += np.float32(hx) * dev[:, 1:]
+    if hy:
+        out[1:, :] += np.float32(hy) * dev[:-1, :]
+        out[:-1, :] += np.float32(hy) * dev[1:, :]
+    return out
+
+
+def shot_noise(lam: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Deviation ``N - lam`` (e-, float32) of a Poisson draw ``N`` of mean ``lam``: exact
+    Poisson when the mean charge is below :data:`POISSON_EXACT_BELOW`, else its Gaussian limit."""
+    lam = np.asarray(lam, dtype=np.float32)
+    if float(lam.mean()) < POISSON_EXACT_BELOW:
+        dev = rng.poisson(np.maximum(lam, 0)).astype(np.float32)
+        dev -= lam
+        return dev
+    dev = rng.standard_normal(lam.shape, dtype=np.float32)
+    dev *= np.sqrt(np.maximum(lam, 0))
+    return dev
+
+
+def bloom(charge: np.ndarray, full_well_e: float) -> tuple[np.ndarray, int]:
+    """Charge above ``full_well_e`` flows along its column (axis 0), half towards each end,
+    filling the next pixels below full well; charge leaving the column ends is lost.
+
+    Exact for isolated saturated runs (a Lindley scan per direction, vectorised with cumulative
+    sums); returns ``(charge, number of pixels that were above full well)``. In place."""
+    fw32 = charge.dtype.type(full_well_e)
+    over = charge > fw32
+    n_over = int(np.count_nonzero(over))
+    if n_over == 0:
+        return charge, 0
+    # whole columns above full well: nowhere to go
+    full = charge.min(axis=0) > fw32
+    if full.any():
+        charge[:, full] = fw32
+        over[:, full] = False
+    # isolated pixels: a few sparse steps of half up / half down
+    rows, width = charge.shape
+    flat = charge.reshape(-1)
+    idx = np.flatnonzero(over.reshape(-1))
+    for _ in range(6):
+        if idx.size == 0 or idx.size > flat.size // 4:
+            break
+        ex = flat[idx] - fw32
+        flat[idx] = fw32
+        half = ex * charge.dtype.type(0.5)
+        up, down = idx + width, idx - width
+        ok_up, ok_down = up < flat.size, down >= 0
+        flat[up[ok_up]] += half[ok_up]
+        flat[down[ok_down]] += half[ok_down]
+        cand = np.unique(np.concatenate([up[ok_up], down[ok_down]]))
+        idx = cand[flat[cand] > fw32]
+    if idx.size == 0:
+        return charge, n_over
+    over = charge > fw32
+    cols = np.flatnonzero(over.any(axis=0))
+    sub = charge[:, cols].astype(np.float64)
+    fw = float(full_well_e)
+    excess = np.maximum(sub - fw, 0.0)
+    np.minimum(sub, fw, out=sub)
+    capacity = fw - sub
+    half = excess / 2.0
+    for direction in (1, -1):
+        h = half[::direction]
+        c = capacity[::direction]
+        s = np.cumsum(h - c, axis=0)
+        # Lindley recursion F_i = max(0, F_{i-1} + h_i - c_i): F = S - min(0, running min S)
+        flow = s - np.minimum(np.minimum.accumulate(s, axis=0), 0.0)
+        inflow = np.vstack([np.zeros((1, flow.shape[1])), flow[:-1]]) + h
+        absorbed = inflow - flow  # >= 0, equals 0 on saturated pixels (c = 0)
+        absorbed = absorbed[::direction]
+        sub += absorbed
+        capacity -= absorbed
+    np.minimum(sub, fw, out=sub)
+    charge[:, cols] = sub.astype(charge.dtype)
+    return charge, n_over
+
+
+def nl_beta(nl_pct: float, at_adu: float) -> float:
+    """Quadratic coefficient (1/ADU) giving ``nl_pct`` % non-linearity at ``at_adu``."""
+    return nl_pct / 100.0 / at_adu if at_adu > 0 else 0.0
+
+
+def apply_nl(signal_adu: np.ndarray, beta_per_adu: float) -> np.ndarray:
+    """``S (1 + beta S)`` in place (S offset-subtracted, ADU)."""
+    if beta_per_adu:
+        signal_adu *= 1.0 + np.float32(beta_per_adu) * signal_adu
+    return signal_adu
+
+
+def analog_noise(ron_adu: float) -> float:
+    """Analogue noise (ADU) whose digitised standard deviation is ``ron_adu``."""
+    return math.sqrt(max(ron_adu**2 - 1.0 / 12.0, 0.0))
+
+
+def readout(
+    image_adu: np.ndarray | None,
+    offset_adu: float,
+    ron_analog_adu: float,
+    rng: np.random.Generator,
+    geometry: Geometry,
+    vstart: int = 0,
+    vend: int | None = None,
+) -> np.ndarray:
+    """A canonical quadrant (float32, ADU): offset + read noise everywhere, ``image_adu``
+    (2066 x 2048, offset-subtracted) added in the image area. Rows outside the readout window
+    ``[vstart, vend)`` are 0 (not read)."""
+    shape = (geometry.quad_rows, geometry.quad_cols)
+    quad = rng.standard_normal(shape, dtype=np.float32)
+    quad *= np.float32(ron_analog_adu)
+    quad += np.float32(offset_adu)
+    if image_adu is not None:
+        quad[:IMAGE_ROWS, PRESCAN_COLS : PRESCAN_COLS + IMAGE_COLS] += image_adu[: geometry.quad_rows]
+    vend = geometry.quad_rows if vend is None else vend
+    if vstart > 0:
+        quad[: min(vstart, shape[0])] = 0
+    if vend < shape[0]:
+        quad[max(vend, 0) :] = 0
+    return quad
+
+
+def quadrant_ccd_coords(q: str, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CCD image-area coordinates (x 0..4095, y 0..4131, origin bottom-left as displayed) of
+    canonical image-area indices (row 0..2065, col 0..2047 counted from the readout corner)."""
+    x = cols if q in ("H", "E") else CCD_IMAGE_COLS - 1 - cols
+    y = rows if q in ("H", "G") else CCD_IMAGE_ROWS - 1 - rows
+    return x, y
+
+
+def illumination_pattern(q: str, gradient: tuple[float, float], vignetting: float) -> np.ndarray:
+    """Smooth large-scale illumination of a quadrant's image area (float32, 2066 x 2048,
+    canonical), ``1 + gx u + gy v + vig (u^2 + v^2)`` with u, v in [-1, 1] across the CCD."""
+    rows = np.arange(IMAGE_ROWS, dtype=np.float32)[:, None]
+    cols = np.arange(IMAGE_COLS, dtype=np.float32)[None, :]
+    x, y = quadrant_ccd_coords(q, rows, cols)
+    u = (x - (CCD_IMAGE_COLS - 1) / 2) / (CCD_IMAGE_COLS / 2)
+    v = (y - (CCD_IMAGE_ROWS - 1) / 2) / (CCD_IMAGE_ROWS / 2)
+    gx, gy = gradient
+    return (1.0 + gx * u + gy * v + vignetting * (u * u + v * v)).astype(np.float32)
+
+
+def cosmic_rays(
+    image_e: np.ndarray, n: int, rng: np.random.Generator, max_len: int = 12, charge_range_e: tuple[float, float] = (2e3, 3e4)
+) -> list[tuple[int, int]]:
+    """Add ``n`` straight cosmic-ray tracks (random start, direction, length 1..max_len pixels,
+    total charge log-uniform in ``charge_range_e``) to an image (e-), in place; returns starts."""
+    if n <= 0:
+        return []
+    rows, cols = image_e.shape
+    r0 = rng.uniform(0, rows, n)
+    c0 = rng.uniform(0, cols, n)
+    length = rng.integers(1, max_len + 1, n)
+    angle = rng.uniform(0, np.pi, n)
+    total = np.exp(rng.uniform(np.log(charge_range_e[0]), np.log(charge_range_e[1]), n))
+    steps = np.concatenate([np.arange(k) for k in length])
+    idx = np.repeat(np.arange(n), length)
+    rr = np.clip((r0[idx] + steps * np.sin(angle[idx])).astype(int), 0, rows - 1)
+    cc = np.clip((c0[idx] + steps * np.cos(angle[idx])).astype(int), 0, cols - 1)
+    np.add.at(image_e, (rr, cc), (total[idx] / length[idx]).astype(image_e.dtype))
+    return [(int(a), int(b)) for a, b in zip(r0.astype(int), c0.astype(int))]
+
+
+def gaussian_spot(shape: tuple[int, int], row: float, col: float, fwhm: float, peak: float, half: int | None = None) -> tuple[slice, slice, np.ndarray]:
+    """A pixel-integrated circular Gaussian stamp of ``fwhm`` (px) whose centre pixel holds
+    ``peak`` (when centred on a pixel): returns (row slice, col slice, stamp)."""
+    sigma = fwhm / 2.3548200450309493
+    half = half or max(int(np.ceil(5 * sigma)), 3)
+    r0, c0 = int(round(row)), int(round(col))
+    rs = slice(max(r0 - half, 0), min(r0 + half + 1, shape[0]))
+    cs = slice(max(c0 - half, 0), min(c0 + half + 1, shape[1]))
+
+    def integ(lo_edges: np.ndarray, centre: float) -> np.ndarray:
+        a = (lo_edges - centre) / (math.sqrt(2) * sigma)
+        b = (lo_edges + 1 - centre) / (math.sqrt(2) * sigma)
+        return 0.5 * (erf(b) - erf(a))
+
+    pr = integ(np.arange(rs.start, rs.stop) - 0.5, row)
+    pc = integ(np.arange(cs.start, cs.stop) - 0.5, col)
+    centre = integ(np.array([-0.5]), 0.0)[0] ** 2  # fraction in the central pixel when centred
+    stamp = np.outer(pr, pc) * (peak / centre)
+    return rs, cs, stamp.astype(np.float32)
+
+
+def injection_level_adu(values: dict[str, Any], top: bool, ccd: int) -> float:
+    """Charge-injection level (ADU) of a quadrant from the bias voltages: 0 if ``id_wid < 10``;
+    ``600 + max(0, IG2 - IG1) * 6000`` below the IDL threshold ``IG1 + 7.5`` (logistic edge of
+    0.1 V width), as the campaign's expected-injection rule."""
+    if float(values.get("id_wid", 100)) < 10:
+        return 0.0
+    side = "T" if top else "B"
+    ig1 = float(values.get(f"IG1_{ccd}_{side}", values.get("IG1", 6.0)))
+    ig2 = float(values.get(f"IG2_{side}", values.get("IG2", 2.0)))
+    idl = float(values.get("IDL", 13.0))
+    level = 600.0 + max(0.0, ig2 - ig1) * 6000.0
+    return level / (1.0 + math.exp((idl - (ig1 + 7.5)) / 0.1))
+
+
+# --------------------------------------------------------------------------------------------
+# The detector model (truth + fixed maps) and one frame
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Exposure:
+    """Conditions of one frame, for the physics (derived from the exposure-log values)."""
+
+    kind: FrameKind
+    exptime: float = 0.0
+    flux_e_per_s: float = 0.0  # flat source at the pattern centre, drift included
+    dark_time: float = 0.0
+    readout_time: float = 72.0  # cosmic rays also hit during the readout
+    vstart: int = 0
+    vend: int = 2086
+    point_peak_e: float = 0.0  # point source peak (e-) before BF broadening
+    fwhm_px: float = 2.0
+    values: dict[str, Any] = field(default_factory=dict)  # all exposure-log values (injection etc.)
+
+
+@dataclass
+class QuadrantResult:
+    """One canonical quadrant (ADU, float32) and what was injected in it."""
+
+    data: np.ndarray
+    info: dict[str, Any]
+
+
+def _seed_words(*parts: int | str) -> list[int]:
+    out = []
+    for p in parts:
+        if isinstance(p, str):
+            out.extend(p.encode())
+        else:
+            out.append(int(p))
+    return out
+
+
+class DetectorModel:
+    """The simulated block: per CCD and quadrant truth (drawn once from ``seed``) and the fixed
+    pixel maps (response = illumination pattern x PRNU x bad columns; dark map), built lazily.
+
+    Reproducible: everything derives from ``numpy.random.SeedSequence`` keyed by the seed,
+    CCD, quadrant and (for frames) the frame index, whatever the order of generation."""
+
+    def __init__(self, config: PhysicsConfig | None = None, block: str = "UNKNOWN", seed: int = 0):
+        self.config = config or PhysicsConfig()
+        self.block = block
+        self.seed = int(seed)
+        self.truth: dict[str, CCDTruth] = self._draw_truth()
+        self._response: dict[tuple[str, str], np.ndarray] = {}
+        self._dark: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    # -- random streams -------------------------------------------------------------------
+    def rng(self, *key: int | str) -> np.random.Generator:
+        """An independent generator for a named stream (e.g. ("frame", 12, "CCD1", "E"))."""
+        return np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, *_seed_words(*key)])))
+
+    def _draw_truth(self) -> dict[str, CCDTruth]:
+        cfg = self.config
+        ref = block_offsets(self.block)
+        bf = bf_coefficients(cfg.bf_a00, cfg.bf_anisotropy)
+        truth: dict[str, CCDTruth] = {}
+        for ccd in CCDS:
+            rng = self.rng("truth", ccd)
+            quads = {}
+            for q in QUADRANTS:
+                offset = ref[ccd][q] + rng.uniform(-cfg.offset_scatter_adu, cfg.offset_scatter_adu)
+                ron = cfg.ron_adu if cfg.ron_adu is not None else rng.uniform(*cfg.ron_range_adu)
+                gain = cfg.gain if cfg.gain is not None else rng.uniform(*cfg.gain_range)
+                dark = rng.uniform(*cfg.dark_range_e_per_s)
+                fw = rng.uniform(*cfg.full_well_range_e)
+                at_adu = cfg.nl_at_fraction * FULL_SCALE_ADU
+                beta = nl_beta(cfg.nl_pct, at_adu)
+                quads[q] = QuadrantTruth(
+                    offset_adu=round(float(offset), 3),
+                    ron_adu=round(float(ron), 4),
+                    ron_analog_adu=analog_noise(float(round(ron, 4))),
+                    ron_e=float(round(ron, 4) * gain),
+                    gain_e_per_adu=round(float(gain), 4),
+                    dark_e_per_s=float(dark),
+                    full_well_e=round(float(fw), 1),
+                    full_well_adu=float(round(fw, 1) / round(gain, 4)),
+                    prnu_pct=cfg.prnu_pct,
+                    nl=NLTruth(beta_per_adu=beta, beta_per_e=beta / round(float(gain), 4), pct=cfg.nl_pct, at_adu=at_adu),
+                    bf=bf,
+                )
+            hot = []
+            for _ in range(cfg.hot_pixels):
+                q = QUADRANTS[int(rng.integers(4))]
+                hot.append(HotPixel(quadrant=q, row=int(rng.integers(0, IMAGE_ROWS)),
+                                    col=int(rng.integers(PRESCAN_COLS, PRESCAN_COLS + IMAGE_COLS)),
+                                    dark_e_per_s=float(rng.uniform(*cfg.hot_pixel_range_e_per_s))))
+            bad = []
+            for k in range(cfg.bad_columns):
+                q = QUADRANTS[int(rng.integers(4))]
+                col = int(rng.integers(PRESCAN_COLS + 10, PRESCAN_COLS + IMAGE_COLS - 10))
+                row_start = int(rng.integers(0, IMAGE_ROWS // 2))
+                if k % 2 == 0:
+                    bad.append(BadColumn(quadrant=q, col=col, row_start=row_start, kind="dead",
+                                         response=round(float(rng.uniform(0.05, 0.5)), 3)))
+                else:
+                    bad.append(BadColumn(quadrant=q, col=col, row_start=row_start, kind="hot",
+                                         dark_e_per_s=round(float(rng.uniform(2.0, 20.0)), 3)))
+            truth[ccd] = CCDTruth(quadrants=quads, hot_pixels=hot, bad_columns=bad)
+        return truth
+
+    # -- fixed maps ------------------------------------------------------------------------
+    def response(self, ccd: str, q: str) -> np.ndarray:
+        """Relative response of the image area (2066 x 2048, float32): illumination pattern x
+        (1 + PRNU) x dead-column factors. Cached."""
+        key = (ccd, q)
+        if key not in self._response:
+            cfg = self.config
+            resp = illumination_pattern(q, cfg.illum_gradient, cfg.illum_vignetting)
+            if cfg.prnu_pct > 0:
+                prnu = self.rng("prnu", ccd, q).standard_normal(resp.shape, dtype=np.float32)
+                prnu *= np.float32(cfg.prnu_pct / 100.0)
+                prnu += 1.0
+                resp *= prnu
+            for bc in self.truth[ccd].bad_columns:
+                if bc.quadrant == q and bc.kind == "dead":
+                    resp[bc.row_start :, bc.col - PRESCAN_COLS] *= np.float32(bc.response)
+            self._response[key] = resp
+        return self._response[key]
+
+    def dark_sources(self, ccd: str, q: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Hot pixels and hot-column pixels of a quadrant: (rows, image cols, e-/s) arrays."""
+        key = (ccd, q)
+        if key not in self._dark:
+            rows, cols, rates = [], [], []
+            for hp in self.truth[ccd].hot_pixels:
+                if hp.quadrant == q:
+                    rows.append(hp.row), cols.append(hp.col - PRESCAN_COLS), rates.append(hp.dark_e_per_s)
+            for bc in self.truth[ccd].bad_columns:
+                if bc.quadrant == q and bc.kind == "hot":
+                    n = IMAGE_ROWS - bc.row_start
+                    rows.extend(range(bc.row_start, IMAGE_ROWS))
+                    cols.extend([bc.col - PRESCAN_COLS] * n)
+                    rates.extend([bc.dark_e_per_s] * n)
+            self._dark[key] = (np.asarray(rows, dtype=int), np.asarray(cols, dtype=int), np.asarray(rates, dtype=np.float32))
+        return self._dark[key]
+
+    # -- one quadrant ----------------------------------------------------------------------
+    def expected_charge(self, ccd: str, q: str, exp: Exposure, rng: np.random.Generator) -> tuple[np.ndarray | None, dict[str, Any]]:
+        """Expected charge ``lam`` (e-) of the image area, or None for a pure bias."""
+        t = self.truth[ccd].quadrants[q]
+        info: dict[str, Any] = {}
+        lam: np.ndarray | None = None
+        if exp.kind == "flat" and exp.flux_e_per_s > 0 and exp.exptime > 0:
+            lam = self.response(ccd, q) * np.float32(exp.flux_e_per_s * exp.exptime)
+        elif exp.kind == "point":
+            lam = np.zeros((IMAGE_ROWS, IMAGE_COLS), dtype=np.float32)
+            spots = []
+            fwhm = exp.fwhm_px * (1.0 + self.config.point_fwhm_growth * exp.point_peak_e / (t.gain_e_per_adu * FULL_SCALE_ADU))
+            for fr, fc in SPOT_POSITIONS:
+                r, c = fr * IMAGE_ROWS, fc * IMAGE_COLS
+                rs, cs, stamp = gaussian_spot(lam.shape, r, c, fwhm, exp.point_peak_e)
+                lam[rs, cs] += stamp
+                spots.append({"row": round(r, 2), "col": round(c + PRESCAN_COLS, 2)})
+            info["spots"] = spots
+            info["fwhm_px"] = fwhm
+        elif exp.kind == "chinj":
+            level_e = injection_level_adu(exp.values, top=q in ("E", "F"), ccd=int(ccd[-1])) * t.gain_e_per_adu
+            on, off = int(exp.values.get("chinj_on", 30) or 0), int(exp.values.get("chinj_of", 100) or 0)
+            period = max(on + off, 1)
+            rows = np.arange(IMAGE_ROWS)
+            injected = (rows % period) < on if off > 0 else np.ones(IMAGE_ROWS, bool)
+            col_profile = 1.0 + 0.02 * rng.standard_normal(IMAGE_COLS).astype(np.float32)  # per-column non-uniformity
+            lam = (injected[:, None] * col_profile[None, :] * np.float32(level_e)).astype(np.float32)
+            info["injection_e"] = level_e
+            info["injection_adu"] = level_e / t.gain_e_per_adu
+            info["injection_lines"] = {"on": on, "off": off}
+        dark_time = exp.dark_time
+        if dark_time > 0:
+            if lam is None:
+                lam = np.full((IMAGE_ROWS, IMAGE_COLS), t.dark_e_per_s * dark_time, dtype=np.float32)
+            else:
+                lam += np.float32(t.dark_e_per_s * dark_time)
+            rows, cols, rates = self.dark_sources(ccd, q)
+            if rows.size:
+                np.add.at(lam, (rows, cols), rates * np.float32(dark_time))
+        return lam, info
+
+    def simulate_quadrant(self, ccd: str, q: str, exp: Exposure, rng: np.random.Generator, geometry: Geometry) -> QuadrantResult:
+        """One canonical quadrant (ADU, float32, before digitisation) and its per-frame truth."""
+        t = self.truth[ccd].quadrants[q]
+        lam, info = self.expected_charge(ccd, q, exp, rng)
+        image_adu = None
+        n_cosmic = 0
+        if self.config.cosmic_rate > 0:
+            area_cm2 = IMAGE_ROWS * IMAGE_COLS * PIXEL_CM**2
+            n_cosmic = int(rng.poisson(self.config.cosmic_rate * area_cm2 * (exp.exptime + exp.readout_time)))
+        if lam is not None or n_cosmic:
+            if lam is None:
+                lam = np.zeros((IMAGE_ROWS, IMAGE_COLS), dtype=np.float32)
+            mu = float(lam.mean())
+            charge = shot_noise(lam, rng)
+            kernel = bf_kernel(mu, t.bf)
+            charge = apply_bf(charge, kernel)
+            charge += lam
+            if n_cosmic:
+                cosmic_rays(charge, n_cosmic, rng)
+            charge, n_bloomed = bloom(charge, t.full_well_e)
+            np.maximum(charge, 0, out=charge)
+            charge *= np.float32(1.0 / t.gain_e_per_adu)
+            image_adu = apply_nl(charge, t.nl.beta_per_adu)
+            info.update(
+                fluence_e=mu,
+                fluence_adu=mu / t.gain_e_per_adu,
+                signal_adu=float(apply_nl(np.array([mu / t.gain_e_per_adu], dtype=np.float64), t.nl.beta_per_adu)[0]),
+                pixels_above_full_well=n_bloomed,
+            )
+            if exp.kind == "flat" and t.bf.a00 != 0:
+                info["bf_kernel"] = {"h0": kernel[0], "h10": kernel[1], "h01": kernel[2]}
+                info["expected_cov_e2"] = bf_expected_covariances(mu, t.bf)
+        if n_cosmic:
+            info["cosmic_rays"] = n_cosmic
+        data = readout(image_adu, t.offset_adu, t.ron_analog_adu, rng, geometry, exp.vstart, exp.vend)
+        return QuadrantResult(data=data, info=info)
+
+
+#: Point-source positions (fractions of the canonical image area rows, cols): 5 per quadrant.
+SPOT_POSITIONS: tuple[tuple[float, float], ...] = ((0.25, 0.25), (0.25, 0.75), (0.5, 0.5), (0.75, 0.25), (0.75, 0.75))

@@ -1,0 +1,33 @@
+"""Per-CCD work of the validator (a top-level function so that it runs in threads or processes):
+checksum, read, per-quadrant statistics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from services.validator.checks import frame_stats, sha256_file
+from shared.fitsio import FrameError, read_frame
+
+
+def process_ccd(path: str, expected_sha256: str | None, vstart: int, vend: int) -> dict[str, Any]:
+    """``{"ok": True, "stats": {Q: quadrant_stats}, "shape": [rows, cols], "seconds": {...}}`` or
+    ``{"ok": False, "what": "checksum" | "fits", "why": reason}`` for a bad file."""
+    t0 = time.perf_counter()
+    try:
+        digest = sha256_file(path)
+    except FileNotFoundError:
+        return {"ok": False, "what": "fits", "why": "file not found (removed after ingest?)"}
+    t1 = time.perf_counter()
+    if expected_sha256 and digest != expected_sha256:
+        return {"ok": False, "what": "checksum",
+                "why": f"SHA-256 mismatch: ingest saw {expected_sha256[:12]}..., the file now has {digest[:12]}..."}
+    try:
+        frame = read_frame(path)
+    except FrameError as exc:
+        return {"ok": False, "what": "fits", "why": exc.reason}
+    t2 = time.perf_counter()
+    stats = frame_stats(frame.data, vstart, vend)
+    t3 = time.perf_counter()
+    return {"ok": True, "stats": stats, "shape": list(frame.data.shape),
+            "seconds": {"checksum": t1 - t0, "read": t2 - t1, "stats": t3 - t2}}
