@@ -5,7 +5,8 @@ test family implements.
 An analysis module (``services/analyzer/analysis/<family>.py``) is a plug-in when it defines
 
 - ``TESTS``: tuple of the test names it analyses (base names, e.g. ``("BIAS01", "BIAS02")``);
-- ``run_test(data: TestData, sink: ProductSink) -> AnalysisOutput``.
+- ``run_test(data: TestData, sink: ProductSink) -> AnalysisOutput``;
+- optionally ``PARAMS``: its pydantic parameters model (resolved values go into provenance).
 
 ``run_test`` does no file I/O itself: it reads frames through ``data.load(frame)`` and hands its
 products (images, tables, figures) to ``sink.add(...)`` as soon as they exist (so that a CCD's

@@ -32,6 +32,7 @@ class Ledger:
         )
         self._db.commit()
         self._lock = threading.Lock()
+        self._published = {(b, o) for b, o in self._db.execute("SELECT block, obsid FROM exposures WHERE status = 'published'")}
 
     # exposures
     def exposure_status(self, block: str, obsid: int) -> str | None:
@@ -40,13 +41,15 @@ class Ledger:
         return None if row is None else row[0]
 
     def is_published(self, block: str, obsid: int) -> bool:
-        return self.exposure_status(block, obsid) == "published"
+        return (block, int(obsid)) in self._published
 
     def mark_exposure(self, block: str, obsid: int, status: str, event_id: str = "") -> None:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO exposures VALUES (?, ?, ?, ?, ?)",
                              (block, obsid, status, event_id, time.time()))
             self._db.commit()
+            if status == "published":
+                self._published.add((block, int(obsid)))
 
     def published_count(self) -> int:
         with self._lock:

@@ -71,7 +71,7 @@ class PhysicsConfig(BaseModel):
     gain_range: tuple[float, float] = (3.10, 3.50)
     gain: float | None = Field(None, description="gain (e-/ADU) for every quadrant")
     dark_range_e_per_s: tuple[float, float] = (0.001, 0.003)
-    full_well_range_e: tuple[float, float] = (195_000.0, 210_000.0)
+    full_well_range_e: tuple[float, float] = Field((220_000.0, 240_000.0), description="full well (e-); above ~62000 ADU so that flats to 90 % of 2^16 ADU do not bloom")
     prnu_pct: float = Field(1.0, ge=0, description="pixel-to-pixel response std (%)")
     illum_gradient: tuple[float, float] = Field((0.01, -0.005), description="linear illumination gradient across the CCD (x, y) per half-width")
     illum_vignetting: float = Field(-0.02, description="quadratic fall-off (u^2 + v^2) of the illumination")
@@ -232,6 +232,13 @@ def shot_noise(lam: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return dev
 
 
+def _accumulate_rows(arr: np.ndarray, ufunc: np.ufunc) -> None:
+    """In-place running ``ufunc`` along axis 0 (a row loop: several times faster than
+    ``ufunc.accumulate(axis=0)`` on wide C-ordered arrays)."""
+    for i in range(1, arr.shape[0]):
+        ufunc(arr[i], arr[i - 1], out=arr[i])
+
+
 def bloom(charge: np.ndarray, full_well_e: float) -> tuple[np.ndarray, int]:
     """Charge above ``full_well_e`` flows along its column (axis 0), half towards each end,
     filling the next pixels below full well; charge leaving the column ends is lost.
@@ -253,7 +260,7 @@ def bloom(charge: np.ndarray, full_well_e: float) -> tuple[np.ndarray, int]:
     flat = charge.reshape(-1)
     idx = np.flatnonzero(over.reshape(-1))
     for _ in range(6):
-        if idx.size == 0 or idx.size > flat.size // 4:
+        if idx.size == 0 or idx.size > flat.size // 50:
             break
         ex = flat[idx] - fw32
         flat[idx] = fw32
@@ -268,25 +275,39 @@ def bloom(charge: np.ndarray, full_well_e: float) -> tuple[np.ndarray, int]:
         return charge, n_over
     over = charge > fw32
     cols = np.flatnonzero(over.any(axis=0))
-    sub = charge[:, cols].astype(np.float64)
+    whole = cols.size > width // 2
+    # float64 scan: cumulative sums over a column reach ~4e8 e-
+    sub = charge.astype(np.float64) if whole else charge[:, cols].astype(np.float64)
     fw = float(full_well_e)
-    excess = np.maximum(sub - fw, 0.0)
+    half = sub - fw
+    np.maximum(half, 0.0, out=half)
+    half *= 0.5
     np.minimum(sub, fw, out=sub)
     capacity = fw - sub
-    half = excess / 2.0
+    flow = np.empty_like(sub)
+    low = np.empty_like(sub)
+    absorbed = np.empty_like(sub)
     for direction in (1, -1):
         h = half[::direction]
         c = capacity[::direction]
-        s = np.cumsum(h - c, axis=0)
-        # Lindley recursion F_i = max(0, F_{i-1} + h_i - c_i): F = S - min(0, running min S)
-        flow = s - np.minimum(np.minimum.accumulate(s, axis=0), 0.0)
-        inflow = np.vstack([np.zeros((1, flow.shape[1])), flow[:-1]]) + h
-        absorbed = inflow - flow  # >= 0, equals 0 on saturated pixels (c = 0)
-        absorbed = absorbed[::direction]
-        sub += absorbed
-        capacity -= absorbed
+        # Lindley recursion F_i = max(0, F_{i-1} + h_i - c_i): F = S - min(0, running min of S)
+        np.subtract(h, c, out=flow)
+        _accumulate_rows(flow, np.add)
+        low[:] = flow
+        _accumulate_rows(low, np.minimum)
+        np.minimum(low, 0.0, out=low)
+        flow -= low
+        # absorbed = inflow (F_{i-1} + h_i) - outflow F_i; 0 on saturated pixels (c = 0)
+        absorbed[:] = h
+        absorbed[1:] += flow[:-1]
+        absorbed -= flow
+        sub[::direction] += absorbed
+        c -= absorbed
     np.minimum(sub, fw, out=sub)
-    charge[:, cols] = sub.astype(charge.dtype)
+    if whole:
+        charge[...] = sub
+    else:
+        charge[:, cols] = sub.astype(charge.dtype)
     return charge, n_over
 
 

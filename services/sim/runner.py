@@ -320,7 +320,7 @@ class Simulator:
         (folder / hk_name).write_text(hk_header() + "".join(format_hk_row(t, row) for t, row in hk_rows))
         _append(folder / explog_name(t0.date()), "".join(log_rows), explog_header(EXPLOG_VERSION))
         write_s = _time.perf_counter() - tic
-        log.info("ObsID %d %s %s exptime %.3g s: generated in %.2f s, written in %.2f s",
+        log.debug("ObsID %d %s %s exptime %.3g s: generated in %.2f s, written in %.2f s",
                  obsid, spec.test, kind, exptime, gen_s, write_s)
 
         record: dict[str, Any] = {

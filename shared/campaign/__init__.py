@@ -24,7 +24,9 @@ from shared.campaign.config import (
     TestEntry,
     TestPlan,
     campaign_preset,
+    PresetTests,
     define_campaign,
+    load_campaign,
     load_campaign_config,
 )
 from shared.campaign.keys import DEFAULTS, EQUIPMENT_KEYS, SCRIPT_KEYS, STRING_KEYS, compose, iphi_string
@@ -35,6 +37,6 @@ __all__ = [
     "DEFAULTS", "EQUIPMENT_KEYS", "FAMILIES", "NL_FLUENCES", "RTOL", "SCRIPT_KEYS", "STRING_KEYS", "WAVELENGTHS",
     "CampaignConfig", "CampaignDefinition", "Chamber", "Equipment", "Script", "ScriptColumn", "StructureResult",
     "TestDefinition", "TestEntry", "TestParams", "TestPlan", "campaign_preset", "check_structure", "compare_value",
-    "compose", "define_campaign", "explog_values", "frame_duration_s", "get_test", "iphi_string", "load_campaign_config",
+    "compose", "define_campaign", "explog_values", "frame_duration_s", "get_test", "iphi_string", "load_campaign", "load_campaign_config", "PresetTests",
     "naming_help", "validation_message",
 ]

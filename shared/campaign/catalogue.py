@@ -515,7 +515,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
 #: Values a plain family name fixes (TP11/TP21 run at IDL 10.5 V).
 FAMILY_VALUES: dict[str, dict[str, Any]] = {"TP11": {"IDL": 10.5}, "TP21": {"IDL": 10.5}}
 
-_SUFFIX = re.compile(r"^(?:_(?P<num>\d+(?:\.\d+)?)(?P<unit>[KR]?))?(?:\.(?P<rep>\d+))?$")
+_SUFFIX = re.compile(r"^(?:_(?:(?P<num>\d+(?:\.\d+)?)(?P<unit>[KR])|(?P<nm>\d+)))?(?:\.(?P<rep>\d+))?$")
 
 
 class TestDefinition:
@@ -583,7 +583,7 @@ def _parse_suffix(family: Family, num: str | None, unit: str) -> tuple[str, dict
         if family.suffix_required:
             kinds = {"nm": "_<nm>", "K": "_<T>K", "R": "_<RD>R"}
             raise ValueError(f"test {family.name} needs a suffix: "
-                             + " or ".join(f"{family.name}{kinds[k]}" for k in sorted(family.suffixes)))
+                             + " or ".join(f"{family.name}{kinds[k]}" for k in ("nm", "K", "R") if k in family.suffixes))
         return "", {}
     kind = unit or "nm"
     if kind not in family.suffixes:
@@ -601,7 +601,7 @@ def _parse_suffix(family: Family, num: str | None, unit: str) -> tuple[str, dict
 def get_test(name: str) -> TestDefinition:
     """The definition of a test by full name (see the module docstring for the naming).
     Raises KeyError for an unknown test, ValueError for a malformed suffix."""
-    name = str(name).strip()
+    name = str(name).strip().upper()
     for fam_name in sorted(FAMILIES, key=len, reverse=True):
         if not name.startswith(fam_name):
             continue
@@ -609,7 +609,7 @@ def get_test(name: str) -> TestDefinition:
         if not m:
             continue
         family = FAMILIES[fam_name]
-        suffix, values = _parse_suffix(family, m.group("num"), m.group("unit"))
+        suffix, values = _parse_suffix(family, m.group("num") or m.group("nm"), m.group("unit") or "")
         rep = int(m.group("rep")) if m.group("rep") else None
         if rep is not None and rep < 1:
             raise ValueError(f"repeat number must be >= 1 in {name!r}")
@@ -628,7 +628,7 @@ def naming_help() -> str:
     kinds = {"nm": "_<nm>", "K": "_<T>K", "R": "_<RD>R"}
     lines = []
     for f in FAMILIES.values():
-        pats = [f.name + kinds[k] for k in sorted(f.suffixes)]
+        pats = [f.name + kinds[k] for k in ("nm", "K", "R") if k in f.suffixes]
         if not f.suffix_required:
             pats.insert(0, f.name)
         lines.append(f"{' | '.join(pats)}: {f.purpose}")

@@ -70,10 +70,23 @@ class TestEntry(BaseModel):
         return get_test(self.name)
 
 
-def campaign_preset(name: PresetName) -> list[TestEntry]:
+class PresetTests(list):
+    """The tests of a preset (a list of TestEntry) that can also give their scripts."""
+
+    def scripts(self, chamber: str, equipment: Mapping[str, Any] | Equipment | None = None) -> list[Script]:
+        """Scripts of every test for a chamber profile and equipment values."""
+        return [t.definition.script(t.params, chamber, equipment) for t in self]
+
+
+def campaign_preset(name: PresetName) -> PresetTests:
     """The tests (with parameter overrides) of a preset of campaign.md:
     ``full`` (every test at nominal parameters), ``mini`` (functional check with few frames),
-    ``warm`` (warm functional: MOT_WARM + 3 biases)."""
+    ``warm`` (warm functional: MOT_WARM + 3 biases). ``.scripts(chamber, equipment)`` gives the
+    scripts directly."""
+    return PresetTests(_preset(name))
+
+
+def _preset(name: str) -> list[TestEntry]:
     if name == "full":
         names = (["BIAS01", "DARK01", "CHINJ01", "CHINJ02", "TP01", "TP11", "TP02", "TP21", "FLAT01"]
                  + [f"FLAT02_{nm}" for nm in (590, 730, 880)] + ["FLAT_STB", "PTC01"]
@@ -163,6 +176,12 @@ class CampaignConfig(BaseModel):
         """The campaign definition (scripts, expected frames, durations)."""
         return define_campaign(self)
 
+    def scripts(self, chamber: str | None = None, equipment: Mapping[str, Any] | Equipment | None = None) -> list[Script]:
+        """Scripts of every test (default: the configuration's chamber and equipment)."""
+        chamber = chamber or self.chamber
+        equip = self.equipment if equipment is None else equipment
+        return [t.definition.script(t.params, chamber, equip) for t in self.tests]
+
 
 def _overrides(entry: TestEntry) -> dict[str, Any]:
     """Parameters of an entry that differ from the nominal ones."""
@@ -242,3 +261,7 @@ def load_campaign_config(source: str | Path | Mapping[str, Any]) -> CampaignConf
         if not isinstance(data, dict):
             raise ValueError("campaign configuration: expected a mapping at the top level")
     return CampaignConfig.model_validate(data)
+
+
+#: Alias (a campaign YAML file -> CampaignConfig).
+load_campaign = load_campaign_config

@@ -126,7 +126,7 @@ def _flag_of(key: str) -> Flag:
 
 
 def check_structure(
-    script: Script,
+    script: Script | Any,
     rows: Sequence[Mapping[str, Any]],
     *,
     finished: bool = False,
@@ -135,7 +135,10 @@ def check_structure(
 ) -> StructureResult:
     """Check the exposure-log ``rows`` of one CCD (acquisition order, all rows of the test seen so
     far) against ``script``. ``finished``: the test is declared over (missing frames -> MISSDATA).
-    ``waived`` adds to ``script.waived_keys``. Pure: no I/O."""
+    ``waived`` adds to ``script.waived_keys``. ``script`` may also be a TestPlan (its ``.script``
+    is used). Pure: no I/O."""
+    if not isinstance(script, Script) and isinstance(getattr(script, "script", None), Script):
+        script = script.script
     skip = set(script.waived_keys) | set(waived)
     ncols = len(script.columns)
     seen = [0] * ncols

@@ -479,3 +479,7 @@ def _draw_dnl(fig: Any, per_ccd: dict[str, Any]) -> None:
         ax.set_xlabel("column mean - median (ADU)")
         ax.set_ylabel("column std (ADU)")
         ax.legend(fontsize=7)
+
+
+#: Parameters model of this plug-in (the runner records the resolved values as provenance).
+PARAMS = BiasParams

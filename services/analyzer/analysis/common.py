@@ -259,12 +259,31 @@ class ClippedStats:
         return asdict(self)
 
 
+def _clip_bounds(x: np.ndarray, nsigma: float, maxiters: int, center: str) -> tuple[float, float, np.ndarray]:
+    """Iterate symmetric clipping on the 1-D finite sample ``x``: (centre, half-width, kept)."""
+    keep = x
+    c, threshold = float("nan"), np.inf
+    for _ in range(maxiters):
+        c = float(np.median(keep)) if center == "median" else float(keep.mean())
+        s = float(keep.std())
+        if s == 0:
+            break
+        threshold = nsigma * s
+        new = x[(x >= c - threshold) & (x <= c + threshold)]
+        if new.size == keep.size:
+            keep = new
+            break
+        keep = new
+    return c, threshold, keep
+
+
 def clipped_stats(
     values: np.ndarray,
     nsigma: float = 4.0,
     maxiters: int = 10,
     mask: np.ndarray | None = None,
     center: Literal["median", "mean"] = "median",
+    subsample: int | None = None,
 ) -> ClippedStats:
     """Iterative symmetric sigma clipping of ``values`` (NaN ignored; ``mask`` True = excluded).
 
@@ -272,39 +291,36 @@ def clipped_stats(
     the kept sample; stops when nothing changes. The returned ``var_corrected`` is the variance of
     the kept sample divided by the fraction a Gaussian keeps at the final threshold
     (:func:`clip_variance_correction`): unbiased for Gaussian data, which matters whenever a
-    variance is the measurement (PTC, RON)."""
+    variance is the measurement (PTC, RON).
+
+    ``subsample=k`` (fast mode for multi-megapixel arrays): the clipping bounds are iterated on
+    every k-th value, then mean / variance are computed in one pass over all values inside the
+    bounds (the correction uses the bound actually applied; ``median`` is the subsample's)."""
     x = np.asarray(values, dtype=np.float64).ravel()
     good = np.isfinite(x)
     if mask is not None:
         good &= ~np.asarray(mask, dtype=bool).ravel()
-    x = x[good]
+    if not good.all():
+        x = x[good]
     n0 = x.size
     if n0 == 0:
         nan = float("nan")
         return ClippedStats(nan, nan, nan, nan, nan, nan, 0, 0, nan, nan)
-    keep = x
-    lo, hi = -np.inf, np.inf
-    threshold = np.inf
-    for _ in range(maxiters):
-        c = float(np.median(keep)) if center == "median" else float(keep.mean())
-        s = float(keep.std())
-        if s == 0:
-            break
-        threshold = nsigma * s
-        lo, hi = c - threshold, c + threshold
-        new = x[(x >= lo) & (x <= hi)]
-        if new.size == keep.size:
-            keep = new
-            break
-        keep = new
+    if subsample and subsample > 1 and n0 > 1000 * subsample:
+        c, threshold, ksub = _clip_bounds(x[::subsample], nsigma, maxiters, center)
+        keep = x[(x >= c - threshold) & (x <= c + threshold)] if np.isfinite(threshold) else x
+        median = float(np.median(ksub))
+    else:
+        c, threshold, keep = _clip_bounds(x, nsigma, maxiters, center)
+        median = float(np.median(keep))
+    lo, hi = (c - threshold, c + threshold) if np.isfinite(threshold) else (-np.inf, np.inf)
     mean = float(keep.mean())
     var = float(keep.var(ddof=1)) if keep.size > 1 else float("nan")
-    # The threshold is measured from the sample centre; use the half-width actually applied.
     corr = clip_variance_correction(threshold, np.sqrt(var)) if np.isfinite(threshold) and var > 0 else 1.0
     var_c = var * corr
     return ClippedStats(
         mean=mean,
-        median=float(np.median(keep)),
+        median=median,
         std=float(np.sqrt(var)),
         var=var,
         var_corrected=var_c,
@@ -316,28 +332,25 @@ def clipped_stats(
     )
 
 
-def clip_mask(values: np.ndarray, nsigma: float = 4.0, maxiters: int = 10, mask: np.ndarray | None = None) -> np.ndarray:
+def clip_mask(
+    values: np.ndarray, nsigma: float = 4.0, maxiters: int = 10, mask: np.ndarray | None = None, subsample: int | None = None
+) -> np.ndarray:
     """Boolean array (same shape as ``values``): True where a pixel survives iterative
-    sigma clipping (see :func:`clipped_stats`) and is finite and not masked."""
+    sigma clipping (see :func:`clipped_stats`, same ``subsample`` fast mode) and is finite and
+    not masked."""
     x = np.asarray(values, dtype=np.float64)
     good = np.isfinite(x)
     if mask is not None:
         good &= ~np.asarray(mask, dtype=bool)
-    keep = good.copy()
-    for _ in range(maxiters):
-        sel = x[keep]
-        if sel.size == 0:
-            break
-        c = float(np.median(sel))
-        s = float(sel.std())
-        if s == 0:
-            break
-        new = good & (np.abs(x - c) <= nsigma * s)
-        if new.sum() == keep.sum():
-            keep = new
-            break
-        keep = new
-    return keep
+    sample = x[good] if not good.all() else x.ravel()
+    if sample.size == 0:
+        return good
+    if subsample and subsample > 1 and sample.size > 1000 * subsample:
+        sample = sample[::subsample]
+    c, threshold, _ = _clip_bounds(sample, nsigma, maxiters, "median")
+    if not np.isfinite(threshold):
+        return good
+    return good & (np.abs(x - c) <= threshold)
 
 
 def mad_std(values: np.ndarray) -> float:

@@ -175,3 +175,7 @@ def _draw_masks(fig: Any, thumbs: dict[str, np.ndarray]) -> None:
     for ax, (ccd, img) in zip(axes, thumbs.items()):
         ax.imshow(img, origin="lower", cmap="gray_r", interpolation="nearest")
         ax.set_title(f"{ccd} defects (8x8 any)")
+
+
+#: Parameters model of this plug-in (the runner records the resolved values as provenance).
+PARAMS = CosmeticsParams

@@ -344,3 +344,7 @@ def _draw_rates(fig: Any, results: dict[str, dict[str, dict[str, Any]]]) -> None
     ax.bar(range(len(values)), values)
     ax.set_xticks(range(len(values)), labels, rotation=90)
     ax.set_ylabel("dark current (ADU/s)")
+
+
+#: Parameters model of this plug-in (the runner records the resolved values as provenance).
+PARAMS = DarkParams

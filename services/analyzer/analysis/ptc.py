@@ -146,32 +146,63 @@ def _image(quad: np.ndarray, offset_method: str, edge: int) -> np.ndarray:
     return img - off[edge : IMAGE_ROWS - edge, None]
 
 
+def _pair_counts(mask: np.ndarray, L: int, max_masked: int = 50000) -> np.ndarray | None:
+    """Number of pixel pairs (p, p + (dy, dx)) with both pixels valid, for dy in 0..L-1 and
+    dx in -(L-1)..L-1 (array [dy, dx + L - 1]), counted directly from the few masked pixels
+    (rectangle count minus pairs touching a masked pixel); None when too many are masked."""
+    ny, nx = mask.shape
+    ry, rx = np.nonzero(~mask)
+    if ry.size > max_masked:
+        return None
+    out = np.empty((L, 2 * L - 1))
+    for dy in range(L):
+        for k, dx in enumerate(range(-(L - 1), L)):
+            n = (ny - dy) * (nx - abs(dx))
+            if ry.size:
+                y2, x2 = ry + dy, rx + dx
+                inside2 = (y2 < ny) & (x2 >= 0) & (x2 < nx)
+                y0, x0 = ry - dy, rx - dx
+                inside0 = (y0 >= 0) & (x0 >= 0) & (x0 < nx)
+                both = np.count_nonzero(~mask[y2[inside2], x2[inside2]])
+                n -= np.count_nonzero(inside2) + np.count_nonzero(inside0) - both
+            out[dy, k] = n
+    return out
+
+
 def masked_covariances(img: np.ndarray, mask: np.ndarray, max_lag: int) -> tuple[np.ndarray, np.ndarray]:
     """Covariances of ``img`` over the pixels where ``mask`` is True, for lags 0..max_lag, by FFT
     (float64, zero-padded: no wrap-around). Returns ``(cov[i, j], npairs[i, j])`` with i the
     serial (column) lag and j the parallel (row) lag, each the mean of the (+i, +j) and
-    (-i, +j) estimates. The mean of the masked pixels is subtracted first."""
+    (-i, +j) estimates. The mean of the masked pixels is subtracted first. Pair counts come from
+    the FFT of the mask, or directly when few pixels are masked (faster)."""
+    L = max_lag + 1
     w = mask.astype(np.float64)
     n = w.sum()
     if n == 0:
-        return np.full((max_lag + 1, max_lag + 1), np.nan), np.zeros((max_lag + 1, max_lag + 1))
+        return np.full((L, L), np.nan), np.zeros((L, L))
     x = np.where(mask, img, 0.0)
     x = (x - x.sum() / n) * w
     ny, nx = x.shape
     shape = (sfft.next_fast_len(ny + max_lag, real=True), sfft.next_fast_len(nx + max_lag, real=True))
     fx = sfft.rfft2(x, s=shape)
-    sxx = sfft.irfft2(fx * np.conj(fx), s=shape)
-    fw = sfft.rfft2(w, s=shape)
-    sww = sfft.irfft2(fw * np.conj(fw), s=shape)
-    L = max_lag + 1
-    # autocorrelation index [dy, dx]: dy >= 0 rows 0..L-1; dx in 0..L-1 and -(1..L-1) at the end
-    pos_s, pos_n = sxx[:L, :L], np.rint(sww[:L, :L])
+    fx *= np.conj(fx)
+    sxx = sfft.irfft2(fx, s=shape)
+    del fx
+    counts = _pair_counts(mask, L)
+    if counts is None:
+        fw = sfft.rfft2(w, s=shape)
+        fw *= np.conj(fw)
+        sww = np.rint(sfft.irfft2(fw, s=shape))
+        counts = np.concatenate([sww[:L, -(L - 1) :] if L > 1 else sww[:L, :0], sww[:L, :L]], axis=1)
+    # autocorrelation index [dy, dx]: dx >= 0 at columns 0..L-1, dx < 0 at the end of the axis
+    pos_s = sxx[:L, :L]
     neg_s = np.concatenate([sxx[:L, :1], sxx[:L, -1 : -L : -1]], axis=1) if L > 1 else sxx[:L, :1]
-    neg_n = np.rint(np.concatenate([sww[:L, :1], sww[:L, -1 : -L : -1]], axis=1)) if L > 1 else np.rint(sww[:L, :1])
+    pos_n = counts[:, L - 1 :]
+    neg_n = counts[:, L - 1 :: -1]
     with np.errstate(invalid="ignore", divide="ignore"):
         c = 0.5 * (pos_s / pos_n + neg_s / neg_n)
     npairs = pos_n + neg_n
-    npairs[0, 0] = pos_n[0, 0]
+    npairs[:, 0] = pos_n[:, 0]
     return c.T.copy(), npairs.T.copy()  # [dy, dx] -> [i = dx (serial), j = dy (parallel)]
 
 
@@ -212,8 +243,8 @@ def measure_pair(
     sat_frac = float(raw_sat.mean())
     i1 = _image(q1, p.offset_method, e)
     i2 = _image(q2, p.offset_method, e)
-    s1 = clipped_stats(i1, p.mean_nsigma, maxiters=5)
-    s2 = clipped_stats(i2, p.mean_nsigma, maxiters=5)
+    s1 = clipped_stats(i1, p.mean_nsigma, maxiters=5, subsample=7)
+    s2 = clipped_stats(i2, p.mean_nsigma, maxiters=5, subsample=7)
     mu1, mu2 = s1.mean, s2.mean
     mu = 0.5 * (mu1 + mu2)
     mismatch = abs(mu1 - mu2) / mu if mu > 0 else float("inf")
@@ -225,10 +256,12 @@ def measure_pair(
                                ks_p=float("nan"), rejected=True, reason="no signal")
     d = (mu2 * i1 - mu1 * i2) / mu
     del i1, i2
-    keep = clip_mask(d, p.diff_nsigma, maxiters=10)
-    # clip_mask stops when the kept set is stable: its threshold is diff_nsigma x the kept std
+    keep = clip_mask(d, p.diff_nsigma, maxiters=10, subsample=7)
+    # clipping correction for the half-width actually applied (diff_nsigma x the subsample std)
     sd = float(np.std(d[keep]))
-    corr = clip_variance_correction(p.diff_nsigma * sd, sd)
+    med = float(np.median(d[::7]))
+    half = float(np.max(np.abs(d[keep] - med))) if keep.any() else 0.0
+    corr = clip_variance_correction(half, sd) if half > 0 else 1.0
     cov, npairs = masked_covariances(d, keep, p.max_lag)
     cov = cov * corr / 2.0
     var = float(cov[0, 0])
