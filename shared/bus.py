@@ -59,6 +59,7 @@ from shared.metrics import (
 )
 
 log = logging.getLogger("vison.bus")
+logging.getLogger("pika").setLevel(logging.WARNING)  # pika logs every frame at INFO
 
 #: Errors meaning "the connection or channel is gone": reconnect and retry.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (

@@ -112,8 +112,8 @@ def build_rules(spec: dict[str, Any]) -> dict[str, Any]:
             },
         })
     return {"groups": [
-        {"name": "vison-hk-critical", "interval": "15s", "rules": crit_rules},
-        {"name": "vison-hk-safe-limits", "interval": "15s", "rules": safe_rules},
+        {"name": "vison-hk-critical", "rules": crit_rules},
+        {"name": "vison-hk-safe-limits", "rules": safe_rules},
     ]}
 
 

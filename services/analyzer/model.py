@@ -103,6 +103,9 @@ class TestData:
     flags: int = 0
     #: Calibration inputs found for this block (e.g. ``{"gain": {"CCD1": {"E": 3.3, ...}}}``).
     calib: dict[str, Any] = field(default_factory=dict)
+    #: Loads a calibration image of the block: ``(kind, ccd) -> array | None`` (e.g. the DARK01
+    #: defect mask, kind ``"dark_mask"``), None when there is none.
+    calib_loader: Callable[[str, str], np.ndarray | None] | None = None
 
     @property
     def label(self) -> str:
@@ -129,6 +132,23 @@ class TestData:
         """The four canonical quadrant views of a frame."""
         data = self.load(frame)
         return quadrants(data, Geometry.from_shape(data.shape))
+
+    def frame_inputs(self, ccd: str | int | None = None) -> list[Any]:
+        """The frames (of one CCD, or all) as lazy ``analysis.common.FrameInput`` objects: each
+        loads its canonical quadrants only when asked (``.load()``)."""
+        from services.analyzer.analysis.common import FrameInput
+
+        metas = self.frames_of(ccd) if ccd is not None else sorted(self.frames, key=lambda f: (f.obsid, f.ccd))
+        return [
+            FrameInput(quads=(lambda m=m: self.load_quadrants(m)), exptime=m.exptime, obsid=m.obsid, ccd=m.ccd_name,
+                       wave=_num(m.values.get("wave"), float("nan")) if m.values.get("wave") not in (None, "") else None,
+                       time=m.date, meta={**m.values, "path": m.path, "flags": m.flags})
+            for m in metas
+        ]
+
+    def calib_image(self, kind: str, ccd: str) -> np.ndarray | None:
+        """A calibration image of the block (full frame, raw orientation) or None."""
+        return self.calib_loader(kind, ccd) if self.calib_loader is not None else None
 
     def gain(self, ccd: str, quadrant: str) -> float | None:
         """Gain (e-/ADU) of a quadrant when known (analysis parameter or a PTC result)."""

@@ -31,6 +31,8 @@ log = logging.getLogger("vison.analyzer")
 #: Where a test's calibrations come from: results of these tests of the same block (first found).
 BIAS_SOURCES = ("BIAS01", "BIAS02")
 GAIN_SOURCES = ("PTC01",)
+#: Tests that merge the block's DARK01 defect mask (master_dark_<CCD>.fits, MASK) when there is one.
+MASK_USERS = ("COSMETICS00",)
 
 
 class DataError(Exception):
@@ -110,6 +112,13 @@ def find_calibrations(root: str | Path, block: str, test: str = "") -> tuple[dic
                 calib["bias"] = json.loads(path.read_text()).get("results") or {}
                 used.append({"kind": "bias", "file": str(path), "sha256": sha256_file(path)})
                 break
+    if registry.base_test(test) in MASK_USERS:
+        path = _latest_results(root, block, "DARK01")
+        if path:
+            files = {f.stem.rsplit("_", 1)[-1]: f for f in sorted(path.parent.glob("master_dark_CCD*.fits"))}
+            if files:
+                calib["dark_mask_files"] = {ccd: str(f) for ccd, f in files.items()}
+                used += [{"kind": "dark_mask", "file": str(f), "sha256": sha256_file(f)} for f in files.values()]
     for src in GAIN_SOURCES:
         path = _latest_results(root, block, src)
         if not path:
@@ -145,6 +154,19 @@ def _loader(meta: FrameMeta) -> np.ndarray:
         return read_frame(meta.path).data
     except FrameError as exc:
         raise DataError(f"ObsID {meta.obsid} CCD{meta.ccd}: {exc}") from None
+
+
+def _calib_loader(calib: dict[str, Any]):
+    def load(kind: str, ccd: str) -> np.ndarray | None:
+        if kind == "dark_mask":
+            path = (calib.get("dark_mask_files") or {}).get(ccd)
+            if path:
+                from astropy.io import fits
+
+                return np.asarray(fits.getdata(path, "MASK"))
+        return None
+
+    return load
 
 
 def _trace_summary(exc: BaseException, frames: int = 4) -> str:
@@ -199,7 +221,7 @@ def run_analysis(
     }
     writer = ProductWriter(out, provenance, root=products_root, figures=figures)
     data = TestData(test=base, block=block, repeat=repeat, frames=frames, loader=_loader, params=dict(params or {}),
-                    expected_frames=expected_frames, flags=int(flags), calib=calib)
+                    expected_frames=expected_frames, flags=int(flags), calib=calib, calib_loader=_calib_loader(calib))
     doc: dict[str, Any] = {
         "schema": "vison.results/1", "test": base, "repeat": repeat, "label": label, "block": block,
         "n_frames": len(obsids), "expected_frames": expected_frames, "obsids": obsids,

@@ -18,49 +18,53 @@ def script_frames(script: Any) -> list[FrameSpec]:
     return out
 
 
+def _summary(scripts: Iterable[Any]) -> list[dict]:
+    return [{"test": s.test, "frames": s.total_frames, "columns": len(s.columns), "duration_s": round(s.duration_s, 1),
+             **({"data_from": s.data_from} if s.data_from else {})} for s in scripts]
+
+
+def _select(scripts: list[Any], tests: Iterable[str] | None) -> list[Any]:
+    if not tests:
+        return scripts
+    wanted = [t.strip() for t in tests if t.strip()]
+    known = {s.test for s in scripts}
+    missing = [t for t in wanted if t not in known]
+    if missing:
+        raise ValueError(f"--tests {','.join(missing)}: not in the campaign (its tests: {', '.join(s.test for s in scripts)})")
+    return [s for s in scripts if s.test in set(wanted)]
+
+
 def test_frames(names: Iterable[str], chamber: str, equipment: Mapping[str, str] | None = None,
                 params: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[list[FrameSpec], list[dict]]:
     """Frames of catalogue tests at their nominal parameters (``params[name]`` overrides);
     returns (frames, per-test summary for the truth)."""
-    from shared.campaign.catalogue import get_test
+    from shared.campaign import get_test
 
-    frames: list[FrameSpec] = []
-    summary: list[dict] = []
-    for name in names:
-        test = get_test(name)
-        script = test.script((params or {}).get(name), chamber=chamber, equipment=equipment)
-        if not script.columns:  # BF01 re-uses PTC data: nothing to acquire
-            summary.append({"test": script.test, "frames": 0, "data_from": script.data_from})
-            continue
-        frames.extend(script_frames(script))
-        summary.append({"test": script.test, "frames": script.total_frames, "columns": len(script.columns),
-                        "duration_s": round(script.duration_s, 1)})
-    return frames, summary
+    scripts = [get_test(n).script((params or {}).get(n), chamber=chamber, equipment=equipment) for n in names]
+    return [f for s in scripts for f in script_frames(s)], _summary(scripts)
+
+
+def is_campaign_file(campaign: str) -> bool:
+    return Path(campaign).suffix in (".yaml", ".yml")
+
+
+def load_campaign_file(path: str) -> Any:
+    """A campaign configuration (``shared.campaign.load_campaign``): block, chamber, equipment, tests."""
+    from shared.campaign import load_campaign
+
+    return load_campaign(Path(path))
 
 
 def campaign_frames(campaign: str, chamber: str, equipment: Mapping[str, str] | None = None,
                     tests: Iterable[str] | None = None) -> tuple[list[FrameSpec], list[dict]]:
-    """Frames of a campaign preset ("mini", "full", ...) or campaign file (YAML), optionally only
-    some of its tests. Needs ``shared.campaign`` presets; raises RuntimeError when unavailable."""
-    try:
-        import shared.campaign as sc
-    except ImportError as exc:  # pragma: no cover - depends on the campaign part
-        raise RuntimeError(f"shared.campaign is not available: {exc}") from None
-    preset = getattr(sc, "campaign_preset", None)
-    load = getattr(sc, "load_campaign", None)
-    if Path(campaign).suffix in (".yaml", ".yml") and load is not None:
-        camp = load(campaign)
-    elif preset is not None:
-        camp = preset(campaign)
+    """Frames of a campaign preset ("mini", "full", "warm") or campaign configuration file
+    (YAML, whose own chamber and equipment are used), optionally only some of its tests
+    (in campaign order)."""
+    if is_campaign_file(campaign):
+        scripts = load_campaign_file(campaign).scripts()
     else:
-        raise RuntimeError("shared.campaign has no campaign_preset / load_campaign yet: use --tests with catalogue names")
-    wanted = set(tests) if tests else None
-    scripts = camp.scripts(chamber=chamber, equipment=equipment) if hasattr(camp, "scripts") else camp
-    frames: list[FrameSpec] = []
-    summary: list[dict] = []
-    for script in scripts:
-        if wanted is not None and script.test not in wanted:
-            continue
-        frames.extend(script_frames(script))
-        summary.append({"test": script.test, "frames": script.total_frames, "columns": len(script.columns)})
-    return frames, summary
+        from shared.campaign import campaign_preset
+
+        scripts = campaign_preset(campaign).scripts(chamber, equipment)  # type: ignore[arg-type]
+    scripts = _select(scripts, tests)
+    return [f for s in scripts for f in script_frames(s)], _summary(scripts)

@@ -84,8 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     seq.add_argument("--set", type=_keyvalue, action="append", default=[], metavar="KEY=VALUE",
                      help="any script register value, e.g. --set vend=2066 --set source=point")
     seq.add_argument("--spec", type=Path, default=None, help="YAML file: options and a list of sequences")
-    seq.add_argument("--tests", default=None, help="catalogue tests at nominal parameters, comma separated (e.g. BIAS01,FLAT01)")
-    seq.add_argument("--campaign", default=None, help="campaign preset (mini, full) or campaign YAML file")
+    seq.add_argument("--tests", default=None, help="catalogue tests at nominal parameters, comma separated (e.g. BIAS01,FLAT01); "
+                     "with --campaign: only these tests of the campaign")
+    seq.add_argument("--campaign", nargs="?", const="mini", default=None,
+                     help="play a campaign: preset mini (default), full, warm, or a campaign YAML file "
+                          "(vison scriptgen --config format; its block, chamber and equipment apply); "
+                          "--tests selects some of its tests")
 
     run = parser.add_argument_group("acquisition")
     run.add_argument("--realtime", action="store_true", help="write at the acquisition cadence (frame durations of campaign.md)")
@@ -145,6 +149,15 @@ def build(args: argparse.Namespace) -> tuple[SimOptions, PhysicsConfig, list[Fra
         physics_data["illum_gradient"] = tuple(args.gradient)
     physics = PhysicsConfig(**physics_data)
 
+    campaign = args.campaign or spec.get("campaign")
+    equipment: dict[str, Any] = {}
+    if campaign:
+        from services.sim.campaign import is_campaign_file, load_campaign_file
+
+        if is_campaign_file(str(campaign)):  # its block, chamber and equipment are the defaults
+            config = load_campaign_file(str(campaign))
+            spec = {"block": config.block, "chamber": config.chamber, **spec}
+            equipment = {k: v for k, v in config.equipment.model_dump().items() if v}
     block = _pick(args.block, spec, "block", "UNKNOWN")
     chamber = _pick(args.chamber, spec, "chamber", get_settings().chamber)
     start = _pick(args.start, spec, "start", None)
@@ -166,19 +179,19 @@ def build(args: argparse.Namespace) -> tuple[SimOptions, PhysicsConfig, list[Fra
         threads=_pick(args.threads, spec, "threads", 3),
         obsid_start=_pick(args.obsid_start, spec, "obsid_start", None),
         hk_injections=injections,
-        equipment={**default_equipment(block), **(spec.get("equipment") or {})},
+        equipment={**default_equipment(block), **equipment, **(spec.get("equipment") or {})},
     )
     from shared.refdata import chamber_profile
 
     profile = chamber_profile(chamber)
     frames: list[FrameSpec] = []
     sequence: Any = None
-    if args.campaign or spec.get("campaign"):
+    if campaign:
         from services.sim.campaign import campaign_frames
 
         tests = args.tests.split(",") if args.tests else spec.get("tests")
-        frames, sequence = campaign_frames(args.campaign or spec["campaign"], chamber, options.equipment, tests)
-        sequence = {"campaign": args.campaign or spec["campaign"], "tests": sequence}
+        frames, summary = campaign_frames(str(campaign), chamber, options.equipment, tests)
+        sequence = {"campaign": str(campaign), "tests": summary}
     elif args.tests or spec.get("tests"):
         from services.sim.campaign import test_frames
 

@@ -11,10 +11,10 @@ from typing import Any, Iterable, Mapping
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.sim.physics import FULL_SCALE_ADU, REFERENCE_GAIN, Exposure, FrameKind
-from shared.campaign.keys import DEFAULTS, EXPLOG_ALIASES, iphi_string
+from shared.campaign.keys import DEFAULTS
+from shared.campaign.structure import explog_values as script_explog_values
 from shared.campaign.script import frame_duration_s
 from shared.geometry import IMAGE_ROWS, PARALLEL_OVERSCAN_ROWS, Geometry, GeometryError
-from shared.refdata import elvis_formats
 
 Value = int | float | str
 EXPLOG_VERSION = "7.5.X"
@@ -167,10 +167,6 @@ def expand_sequences(sequences: Iterable[SequenceSpec], chamber: Mapping[str, An
 # --------------------------------------------------------------------------------------------
 
 
-def explog_columns() -> list[str]:
-    return list(elvis_formats()["explog_columns"][EXPLOG_VERSION])
-
-
 def explog_values(
     registers: Mapping[str, Any],
     obsid: int,
@@ -180,19 +176,14 @@ def explog_values(
     file_name: str,
     temperatures: Mapping[str, float],
 ) -> dict[str, Value]:
-    """The exposure-log row (7.5.X column -> value) of one CCD of one exposure."""
-    reverse = {script: log for log, script in EXPLOG_ALIASES.items()}
-    row: dict[str, Value] = {}
-    columns = set(explog_columns())
-    for key, value in registers.items():
-        col = reverse.get(key, key)
-        if col in columns:
-            row[col] = value
+    """The exposure-log row (7.5.X column -> value) of one CCD of one exposure: the script
+    columns the log carries (``shared.campaign.explog_values``: IPHI composed, renamed keys),
+    ELVIS constants, identity / date, and the CCD temperatures measured by HK."""
+    row: dict[str, Value] = dict(script_explog_values(registers))
     row.update(ELVIS_CONSTANTS)
     row.update({
         "ObsID": obsid, "File_name": file_name, "CCD": ccd, "ROE": roe, "date": date,
         "calscrpt": f"vis_CalCamp_{registers.get('test', '')}.xlsx",
-        "IPHI": iphi_string(registers) if "IPHI1" in registers else registers.get("IPHI", ""),
     })
     row.update(temperatures)
     return row
@@ -271,5 +262,6 @@ def exposure_conditions(
         pos = f"F{int(float(registers.get('wave', 4)))}"
         nominal = float(chamber.get("mirror_nom", {}).get(pos, registers.get("mirr_pos", 0)))
         defocus = float(registers.get("mirr_pos", nominal)) - nominal
+        exp.fwhm0_px = fwhm0
         exp.fwhm_px = fwhm0 * math.sqrt(1.0 + (defocus / focus_depth_mm) ** 2)
     return exp

@@ -49,7 +49,8 @@ POISSON_EXACT_BELOW = 200.0  # e-: mean charge below which shot noise is drawn e
 PIXEL_CM = 12e-4  # pixel pitch 12 um
 CCD_IMAGE_ROWS = 2 * IMAGE_ROWS  # 4132 rows x 4096 columns of photosensitive pixels per CCD
 CCD_IMAGE_COLS = 2 * IMAGE_COLS
-REFERENCE_GAIN = 3.3  # e-/ADU: a source giving 2^16 ADU in tFWC at this gain (chamber profiles)
+REFERENCE_GAIN = 3.2  # e-/ADU: the source gives 2^16 ADU in tFWC at this gain (chamber profiles);
+# below the middle of the gain range so that 90 % flats of low-gain quadrants stay under the ADC limit
 
 FrameKind = Literal["bias", "dark", "flat", "point", "chinj"]
 
@@ -85,6 +86,8 @@ class PhysicsConfig(BaseModel):
     bad_columns: int = Field(0, ge=0, description="bad columns per CCD (half dead, half hot)")
     cosmic_rate: float = Field(0.0, ge=0, description="cosmic rays per cm^2 per s (ground ~0.02); 0 disables")
     point_fwhm_growth: float = Field(0.05, ge=0, description="relative spot FWHM growth at 2^16 ADU peak (BF on spots)")
+    point_halo_fraction: float = Field(0.6, ge=0, lt=1, description="fraction of a spot's flux in a wide Gaussian halo (optical wings)")
+    point_halo_scale: float = Field(5.0, ge=1, description="halo FWHM / core FWHM")
     focus_depth_mm: float = Field(0.4, gt=0, description="mirror defocus (mm) doubling the spot FWHM^2")
 
 
@@ -364,14 +367,16 @@ def quadrant_ccd_coords(q: str, rows: np.ndarray, cols: np.ndarray) -> tuple[np.
 
 def illumination_pattern(q: str, gradient: tuple[float, float], vignetting: float) -> np.ndarray:
     """Smooth large-scale illumination of a quadrant's image area (float32, 2066 x 2048,
-    canonical), ``1 + gx u + gy v + vig (u^2 + v^2)`` with u, v in [-1, 1] across the CCD."""
+    canonical), ``1 + gx u + gy v + vig (u^2 + v^2 - m)`` with u, v in [-1, 1] across the CCD
+    and ``m`` the mean of ``u^2 + v^2``, so that the pattern averages to 1 over the CCD."""
     rows = np.arange(IMAGE_ROWS, dtype=np.float32)[:, None]
     cols = np.arange(IMAGE_COLS, dtype=np.float32)[None, :]
     x, y = quadrant_ccd_coords(q, rows, cols)
     u = (x - (CCD_IMAGE_COLS - 1) / 2) / (CCD_IMAGE_COLS / 2)
     v = (y - (CCD_IMAGE_ROWS - 1) / 2) / (CCD_IMAGE_ROWS / 2)
+    r2 = u * u + v * v
     gx, gy = gradient
-    return (1.0 + gx * u + gy * v + vignetting * (u * u + v * v)).astype(np.float32)
+    return (1.0 + gx * u + gy * v + vignetting * (r2 - float(r2.mean()))).astype(np.float32)
 
 
 def cosmic_rays(
@@ -395,25 +400,28 @@ def cosmic_rays(
     return [(int(a), int(b)) for a, b in zip(r0.astype(int), c0.astype(int))]
 
 
-def gaussian_spot(shape: tuple[int, int], row: float, col: float, fwhm: float, peak: float, half: int | None = None) -> tuple[slice, slice, np.ndarray]:
-    """A pixel-integrated circular Gaussian stamp of ``fwhm`` (px) whose centre pixel holds
-    ``peak`` (when centred on a pixel): returns (row slice, col slice, stamp)."""
+def _pixel_integral(lo_edges: np.ndarray, centre: float, sigma: float) -> np.ndarray:
+    a = (lo_edges - centre) / (math.sqrt(2) * sigma)
+    return 0.5 * (erf(a + 1 / (math.sqrt(2) * sigma)) - erf(a))
+
+
+def centre_fraction(fwhm: float) -> float:
+    """Fraction of a circular Gaussian's flux in its central pixel (centred on the pixel)."""
+    sigma = fwhm / 2.3548200450309493
+    return float(_pixel_integral(np.array([-0.5]), 0.0, sigma)[0] ** 2)
+
+
+def gaussian_spot(shape: tuple[int, int], row: float, col: float, fwhm: float, flux: float, half: int | None = None) -> tuple[slice, slice, np.ndarray]:
+    """A pixel-integrated circular Gaussian of ``fwhm`` (px) and total ``flux`` centred at
+    (row, col) (pixel centres at integers): returns (row slice, col slice, stamp)."""
     sigma = fwhm / 2.3548200450309493
     half = half or max(int(np.ceil(5 * sigma)), 3)
     r0, c0 = int(round(row)), int(round(col))
     rs = slice(max(r0 - half, 0), min(r0 + half + 1, shape[0]))
     cs = slice(max(c0 - half, 0), min(c0 + half + 1, shape[1]))
-
-    def integ(lo_edges: np.ndarray, centre: float) -> np.ndarray:
-        a = (lo_edges - centre) / (math.sqrt(2) * sigma)
-        b = (lo_edges + 1 - centre) / (math.sqrt(2) * sigma)
-        return 0.5 * (erf(b) - erf(a))
-
-    pr = integ(np.arange(rs.start, rs.stop) - 0.5, row)
-    pc = integ(np.arange(cs.start, cs.stop) - 0.5, col)
-    centre = integ(np.array([-0.5]), 0.0)[0] ** 2  # fraction in the central pixel when centred
-    stamp = np.outer(pr, pc) * (peak / centre)
-    return rs, cs, stamp.astype(np.float32)
+    pr = _pixel_integral(np.arange(rs.start, rs.stop) - 0.5, row, sigma)
+    pc = _pixel_integral(np.arange(cs.start, cs.stop) - 0.5, col, sigma)
+    return rs, cs, (np.outer(pr, pc) * flux).astype(np.float32)
 
 
 def injection_level_adu(values: dict[str, Any], top: bool, ccd: int) -> float:
@@ -446,8 +454,9 @@ class Exposure:
     readout_time: float = 72.0  # cosmic rays also hit during the readout
     vstart: int = 0
     vend: int = 2086
-    point_peak_e: float = 0.0  # point source peak (e-) before BF broadening
-    fwhm_px: float = 2.0
+    point_peak_e: float = 0.0  # peak (e-) of an in-focus spot (FWHM fwhm0_px): sets the spot flux
+    fwhm0_px: float = 2.0  # in-focus optical FWHM
+    fwhm_px: float = 2.0  # optical FWHM with the defocus (before the brighter-fatter broadening)
     values: dict[str, Any] = field(default_factory=dict)  # all exposure-log values (injection etc.)
 
 
@@ -585,12 +594,23 @@ class DetectorModel:
         elif exp.kind == "point":
             lam = np.zeros((IMAGE_ROWS, IMAGE_COLS), dtype=np.float32)
             spots = []
-            fwhm = exp.fwhm_px * (1.0 + self.config.point_fwhm_growth * exp.point_peak_e / (t.gain_e_per_adu * FULL_SCALE_ADU))
+            h, k = self.config.point_halo_fraction, self.config.point_halo_scale
+
+            def peak_fraction(f: float) -> float:
+                return (1 - h) * centre_fraction(f) + h * centre_fraction(k * f)
+
+            flux = exp.point_peak_e / peak_fraction(exp.fwhm0_px)
+            peak_adu = flux * peak_fraction(exp.fwhm_px) / t.gain_e_per_adu
+            fwhm = exp.fwhm_px * (1.0 + self.config.point_fwhm_growth * peak_adu / FULL_SCALE_ADU)
             for fr, fc in SPOT_POSITIONS:
                 r, c = fr * IMAGE_ROWS, fc * IMAGE_COLS
-                rs, cs, stamp = gaussian_spot(lam.shape, r, c, fwhm, exp.point_peak_e)
-                lam[rs, cs] += stamp
+                for frac, width in ((1 - h, fwhm), (h, k * fwhm)):
+                    if frac > 0:
+                        rs, cs, stamp = gaussian_spot(lam.shape, r, c, width, frac * flux)
+                        lam[rs, cs] += stamp
                 spots.append({"row": round(r, 2), "col": round(c + PRESCAN_COLS, 2)})
+            info["spot_flux_e"] = flux
+            info["spot_peak_adu"] = flux * peak_fraction(fwhm) / t.gain_e_per_adu
             info["spots"] = spots
             info["fwhm_px"] = fwhm
         elif exp.kind == "chinj":

@@ -134,10 +134,11 @@ MODEL_NOTES = {
     "offset_adu": "bias level added to every pixel (block reference + per-quadrant delta)",
     "ron_adu": "standard deviation of the digitised read noise (ADU), ADC quantisation (1/12 ADU^2) "
     "included; the analogue noise injected is ron_analog_adu",
-    "fluence": "fluence fractions / tFWC refer to 2^16 ADU at the reference gain 3.3 e-/ADU: the flat "
-    "source gives 2^16 * 3.3 / tFWC_flat e-/s at the pattern centre; per-quadrant ADU = e- / gain",
-    "illumination": "response = (1 + gx u + gy v + vig (u^2 + v^2)) x (1 + PRNU) x dead-column factor, "
-    "u, v in [-1, 1] across the CCD image area (x = columns, y = rows as displayed)",
+    "fluence": "fluence fractions / tFWC refer to 2^16 ADU at the reference gain 3.2 e-/ADU: the flat "
+    "source gives 2^16 * 3.2 / tFWC_flat e-/s (flux_e_per_s, drift included) on average over the CCD; "
+    "per-quadrant ADU = e- / gain (the same photon flux on every quadrant)",
+    "illumination": "response = (1 + gx u + gy v + vig (u^2 + v^2 - <u^2 + v^2>)) x (1 + PRNU) x dead-column "
+    "factor, u, v in [-1, 1] across the CCD image area (x = columns, y = rows as displayed); mean 1",
     "prnu_pct": "std (%) of the Gaussian pixel-to-pixel response map",
     "shot_noise": "Poisson in electrons (Gaussian limit above 200 e- mean)",
     "bf": "brighter-fatter: Q = lam + h (*) (N - lam), 5-point charge-conserving kernel; pixel variance "
@@ -152,8 +153,10 @@ MODEL_NOTES = {
     "cosmic_rays": "rate per cm^2 per s over exptime + readout time; straight tracks of 1-12 px",
     "chinj": "injected lines (chinj_on on / chinj_of off) at 600 + max(0, IG2 - IG1) x 6000 ADU, "
     "logistic cut-off at IDL = IG1 + 7.5 V, 2 % per-column non-uniformity; no traps simulated",
-    "point": "5 Gaussian spots per quadrant (SPOT_POSITIONS), FWHM = fwhm_lambda x sqrt(1 + (defocus / "
-    "focus_depth_mm)^2) x (1 + point_fwhm_growth x peak / 2^16 ADU), peak = exptime / tFWC_point x 2^16 ADU",
+    "point": "5 Gaussian spots per quadrant (SPOT_POSITIONS, canonical image-area fractions; recorded per "
+    "frame), core optical FWHM = fwhm_lambda x sqrt(1 + (defocus / focus_depth_mm)^2), broadened by (1 + "
+    "point_fwhm_growth x peak / 2^16 ADU), plus a Gaussian halo (point_halo_fraction of the flux, FWHM x "
+    "point_halo_scale); flux such that an in-focus spot peaks at exptime / tFWC_point x 2^16 ADU (reference gain)",
     "readout_window": "rows outside [vstart, vend) are 0 (not read out)",
 }
 
@@ -231,7 +234,7 @@ class Simulator:
         clock = start
         wall0 = _time.monotonic()
         records = []
-        pool = ThreadPoolExecutor(max_workers=opts.threads) if opts.threads > 1 else None
+        pool = ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="vison-sim")
         try:
             for spec in frames:
                 rec = self._one_frame(spec, obsid, clock, start, wall0, pool)
@@ -243,8 +246,7 @@ class Simulator:
                 clock += timedelta(seconds=rec["duration_s"])
                 obsid += 1
         finally:
-            if pool:
-                pool.shutdown()
+            pool.shutdown()
             run["last_obsid"] = obsid - 1
             run["sim_end"] = clock.isoformat(timespec="seconds")
             self.save_truth()
@@ -286,21 +288,16 @@ class Simulator:
         injected = sorted({inj.key for inj in opts.hk_injections
                            if inj.active(obsid, (t0 - sim_start).total_seconds())})
 
-        # pixels (while the frame is "exposing")
+        # pixels, generated in the background while the daily HK rows stream (real time)
         tic = _time.perf_counter()
-        if pool is not None:
-            futures = {ccd: pool.submit(self._simulate_ccd, ccd, obsid, exposure, geometry) for ccd in CCDS}
-            results = {ccd: f.result() for ccd, f in futures.items()}
-        else:
-            results = {ccd: self._simulate_ccd(ccd, obsid, exposure, geometry) for ccd in CCDS}
-        gen_s = _time.perf_counter() - tic
-
-        # daily HK rows (streamed in real time)
+        futures = {ccd: pool.submit(self._simulate_ccd, ccd, obsid, exposure, geometry) for ccd in CCDS}
         for t, row in hk_rows:
             self._wait_until(wall0, sim_start, t)
             folder = self.root / day_folder_name(t.date())
             folder.mkdir(exist_ok=True)
             _append(folder / hk_daily_name(t.date(), opts.roe), format_hk_row(t, row), hk_header())
+        results = {ccd: f.result() for ccd, f in futures.items()}
+        gen_s = _time.perf_counter() - tic
         self._wait_until(wall0, sim_start, t0 + timedelta(seconds=dur))
 
         # FITS files, then the per-exposure HK file, then the exposure-log rows
@@ -347,5 +344,6 @@ class Simulator:
         }
         if kind == "point":
             record["fwhm_px"] = exposure.fwhm_px
+            record["fwhm0_px"] = exposure.fwhm0_px
             record["point_peak_e"] = exposure.point_peak_e
         return record

@@ -50,6 +50,8 @@ TESTS = ("BIAS01", "BIAS02")
 #: Mask bits of the master bias MASK extension.
 MASK_OUTLIER = 1  # |master - smooth model| > mask_nsigma x robust std
 MASK_NOISY = 2  # pixel std across frames > noisy_factor x median std
+#: clipping bounds iterated on every 17th pixel (prime: no column aliasing) of large regions, statistics on all pixels
+SUBSAMPLE = 17
 
 
 class BiasParams(BaseModel):
@@ -58,7 +60,8 @@ class BiasParams(BaseModel):
     nsigma: float = Field(4.0, description="sigma-clipping threshold of offsets and RON")
     degree: int = Field(5, description="total degree of the smooth 2-D model of the image area")
     nbins: tuple[int, int] = Field((32, 32), description="bins (rows, cols) of the smooth-model fit")
-    offset_method: str = Field("row", description="offset subtraction before stacking: row | global")
+    offset_method: str = Field("global", description="offset subtracted before stacking: global (clipped mean of "
+                               "the prescan, per frame and quadrant) | row (per-row prescan median, adds row noise)")
     mask_nsigma: float = Field(6.0, description="master-bias outlier threshold (robust sigmas)")
     noisy_factor: float = Field(5.0, description="pixel std / median std above which a pixel is noisy")
     ron_limits: tuple[float, float] = Field((0.86, 1.44), description="RON (ADU) outside which RON_OOL is flagged")
@@ -109,7 +112,7 @@ class BiasQuadResult(BaseModel):
 
 def region_offset_noise(quad: np.ndarray, name: str, nsigma: float, vstart: int = 0, vend: int = 2086) -> tuple[float, float]:
     """(clipped mean, clipping-corrected clipped std) in ADU of a standard region."""
-    s = clipped_stats(standard_region(quad, name, vstart, vend), nsigma)
+    s = clipped_stats(standard_region(quad, name, vstart, vend), nsigma, subsample=SUBSAMPLE)
     return s.mean, s.std_corrected
 
 
@@ -120,7 +123,7 @@ def image_ron(quad: np.ndarray, params: BiasParams, vstart: int = 0, vend: int =
     img = standard_region(quad, "img", vstart, vend)
     model = fit_smooth_2d(img, degree=params.degree, nbins=params.nbins).model
     resid = np.asarray(img, dtype=np.float32) - model
-    s_res = clipped_stats(resid, params.nsigma)
+    s_res = clipped_stats(resid, params.nsigma, subsample=SUBSAMPLE)
     return float(model.mean(dtype=np.float64)) + s_res.mean, s_res.std_corrected, model
 
 
@@ -196,18 +199,18 @@ def master_quadrant_mask(
     img = np.asarray(mb_quad[rows, cols], dtype=np.float32)
     model = fit_smooth_2d(img, degree=params.degree, nbins=params.nbins).model
     resid = img - model
-    sigma = mad_std(resid)
-    outlier = np.abs(resid) > params.mask_nsigma * sigma if sigma > 0 else np.zeros(img.shape, bool)
+    s = clipped_stats(resid, params.nsigma, subsample=SUBSAMPLE)
+    sigma = s.std_corrected
+    outlier = np.abs(resid - s.mean) > params.mask_nsigma * sigma if sigma > 0 else np.zeros(img.shape, bool)
     std_img = np.asarray(std_quad[rows, cols])
-    med_std = float(np.median(std_img))
+    med_std = float(np.median(std_img[::7, ::7]))
     noisy = std_img > params.noisy_factor * med_std if med_std > 0 else np.zeros(img.shape, bool)
     sub = mask[rows, cols]
     sub[outlier] |= MASK_OUTLIER
     sub[noisy] |= MASK_NOISY
-    s = clipped_stats(img, params.nsigma)
     stats = {
-        "mb_img_mean": s.mean,
-        "mb_img_std": s.std_corrected,
+        "mb_img_mean": float(model.mean(dtype=np.float64)) + s.mean,
+        "mb_img_std": sigma,
         "mb_model_p2p": float(model.max() - model.min()),
         "n_masked": int(np.count_nonzero(sub)),
     }
@@ -260,8 +263,10 @@ def analyze_bias_ccd(
             rows_out.append(BiasFrameQuad(obsid=meta.obsid, ccd=ccd, quadrant=q, **st))
             row_profiles[(meta.obsid, q)], col_profiles[(meta.obsid, q)] = quadrant_profiles(quad, st["offset_pre"], vstart, vend)
             dnl_mean[(meta.obsid, q)], dnl_std[(meta.obsid, q)] = prescan_columns(quad, vstart, vend)
-            method = "global" if params.offset_method == "global" else "row"
-            quadrant(stack[i], q, geometry)[...] = subtract_offset(quad, method)
+            if params.offset_method == "row":
+                quadrant(stack[i], q, geometry)[...] = subtract_offset(quad, "row")
+            else:
+                quadrant(stack[i], q, geometry)[...] = quad - np.float32(st["offset_pre"])
         del data
     if stack is None or geometry is None:
         raise ValueError(f"{ccd}: no frames")
@@ -458,10 +463,12 @@ def _draw_masters(fig: Any, per_ccd: dict[str, Any]) -> None:
 
 def _draw_profiles(fig: Any, per_ccd: dict[str, Any]) -> None:
     ax_row, ax_col = fig.subplots(2, 1)
+    kernel = np.ones(16) / 16.0
     for ccd, d in per_ccd.items():
         for q in QUADRANTS:
-            ax_row.plot(d["row"][q], lw=0.6, label=f"{ccd} {q}")
-            ax_col.plot(d["col"][q], lw=0.6, label=f"{ccd} {q}")
+            ax_row.plot(np.convolve(d["row"][q], kernel, mode="valid"), lw=0.7, label=f"{ccd} {q}")
+            ax_col.plot(np.convolve(d["col"][q], kernel, mode="valid"), lw=0.7, label=f"{ccd} {q}")
+    ax_row.set_title("running mean of 16", fontsize=8)
     ax_row.set_xlabel("row (canonical)")
     ax_row.set_ylabel("mean - offset_pre (ADU)")
     ax_col.set_xlabel("column (canonical; 0-50 prescan)")

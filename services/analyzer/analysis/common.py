@@ -29,7 +29,7 @@ from scipy import optimize, special
 
 from shared.geometry import IMAGE_COLS, IMAGE_ROWS, PRESCAN_COLS, STANDARD_TRIMS, region
 
-OffsetMethod = Literal["row", "global", "none"]
+OffsetMethod = Literal["row", "global", "mean", "none"]
 OffsetRegion = Literal["pre", "ove"]
 
 #: Image-area column span in canonical orientation.
@@ -138,7 +138,8 @@ def row_offsets(
 
     ``method="row"``: median of the trimmed prescan (or overscan) of each row (all rows, the
     parallel overscan included); ``"global"``: one median of the trimmed region over the image
-    rows, repeated; ``"none"``: zeros. ``trim`` defaults to the standard trims (prescan [25, 5],
+    rows, repeated; ``"mean"``: one 4-sigma clipped mean instead (no median quantisation bias on
+    digitised data: use it when sub-0.1 ADU fluence accuracy matters); ``"none"``: zeros. ``trim`` defaults to the standard trims (prescan [25, 5],
     overscan [5, 5]).
     """
     nrows = quad.shape[0]
@@ -156,6 +157,8 @@ def row_offsets(
         return np.median(strip, axis=1)
     if method == "global":
         return np.full(nrows, float(np.median(strip[:IMAGE_ROWS])))
+    if method == "mean":
+        return np.full(nrows, clipped_stats(strip[:IMAGE_ROWS], 4.0).mean)
     raise ValueError(f"unknown offset method {method!r} (row, global, none)")
 
 
@@ -383,32 +386,44 @@ class BinnedImage:
 
 
 def bin_image(image: np.ndarray, nbins: tuple[int, int] = (32, 32), stat: Literal["median", "mean"] = "median") -> BinnedImage:
-    """Median (or mean) of the image in ``nbins`` = (rows, cols) nearly equal blocks; NaN ignored.
-    Vectorised: the image is padded with NaN to a multiple of the block size and reshaped."""
+    """Median (or mean) of the image in ``nbins`` = (rows, cols) blocks; NaN ignored.
+
+    Blocks have ``n // nbins`` pixels along each axis, the last block of an axis also takes the
+    remainder. Vectorised (one reshape per band); the NaN-aware (slower) path only when the
+    image has NaN."""
     img = np.asarray(image, dtype=np.float32)
     ny, nx = img.shape
-    nby, nbx = min(nbins[0], ny), min(nbins[1], nx)
-    by, bx = -(-ny // nby), -(-nx // nbx)
-    nby, nbx = -(-ny // by), -(-nx // bx)
+    nby, nbx = max(1, min(nbins[0], ny)), max(1, min(nbins[1], nx))
+    by, bx = ny // nby, nx // nbx
     has_nan = not np.isfinite(img).all()
-    if ny == nby * by and nx == nbx * bx:
-        blocks = img
-    else:
-        blocks = np.full((nby * by, nbx * bx), np.nan, dtype=np.float32)
-        blocks[:ny, :nx] = img
-        has_nan = True
-    blocks = blocks.reshape(nby, by, nbx, bx).transpose(0, 2, 1, 3).reshape(nby, nbx, by * bx)
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        if stat == "median":
-            vals = np.nanmedian(blocks, axis=2) if has_nan else np.median(blocks, axis=2)
-        else:
-            vals = np.nanmean(blocks, axis=2) if has_nan else blocks.mean(axis=2)
-    yc = np.array([(i * by + min((i + 1) * by, ny) - 1) / 2 for i in range(nby)])
-    xc = np.array([(i * bx + min((i + 1) * bx, nx) - 1) / 2 for i in range(nbx)])
-    return BinnedImage(vals.astype(np.float64), yc, xc)
+    def block_stat(a: np.ndarray, h: int, w: int) -> np.ndarray:
+        r, c = a.shape[0] // h, a.shape[1] // w
+        blocks = a.reshape(r, h, c, w).transpose(0, 2, 1, 3).reshape(r, c, h * w)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            if stat == "median":
+                return np.nanmedian(blocks, axis=2) if has_nan else np.median(blocks, axis=2)
+            return np.nanmean(blocks, axis=2) if has_nan else blocks.mean(axis=2)
+
+    r_edges = [0, (nby - 1) * by, ny]
+    c_edges = [0, (nbx - 1) * bx, nx]
+    vals = np.empty((nby, nbx))
+    for i in range(2):
+        r0, r1 = r_edges[i], r_edges[i + 1]
+        if r1 <= r0:
+            continue
+        h = by if i == 0 else r1 - r0
+        for j in range(2):
+            c0, c1 = c_edges[j], c_edges[j + 1]
+            if c1 <= c0:
+                continue
+            w = bx if j == 0 else c1 - c0
+            vals[(r0 // by if i == 0 else nby - 1) : (r1 // by if i == 0 else nby), (c0 // bx if j == 0 else nbx - 1) : (c1 // bx if j == 0 else nbx)] = block_stat(img[r0:r1, c0:c1], h, w)
+    yc = np.array([(i * by + (ny if i == nby - 1 else (i + 1) * by) - 1) / 2 for i in range(nby)])
+    xc = np.array([(i * bx + (nx if i == nbx - 1 else (i + 1) * bx) - 1) / 2 for i in range(nbx)])
+    return BinnedImage(vals, yc, xc)
 
 
 def _legendre_basis(coord: np.ndarray, n: int, degree: int) -> np.ndarray:

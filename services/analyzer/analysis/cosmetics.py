@@ -2,7 +2,9 @@
 
 The test has bias frames (exptime 0) and flats (800 nm, 50 % of full well). Per CCD:
 - dark mask: :func:`services.analyzer.analysis.dark.defect_mask` of the median stack of the
-  offset-subtracted bias frames (background-subtracted, [-1000, 50] ADU);
+  offset-subtracted bias frames (background-subtracted, [-1000, 50] ADU), merged with the hot /
+  cold pixels of the block's DARK01 defect mask when DARK01 was analysed before (bias frames
+  show few hot pixels: they have no exposure time);
 - flat mask: master flat (median stack of the offset-subtracted flats) divided by its smooth
   2-D model; pixels outside [0.5, 1.5] are defects;
 - merged mask = dark | flat, then the whole-column rule (>= 200 bad pixels in a column).
@@ -104,6 +106,9 @@ def run_test(data: TestData, sink: ProductSink) -> AnalysisOutput:
                 flags |= Flag.FLUENCE_OOL
         frame_rows += [*(r for r in st_f.rows)]
         rows = image_rows(st_f.vstart, st_f.vend)
+        dark01 = data.calib_image("dark_mask", ccd)  # the block's DARK01 defect mask, when analysed
+        if dark01 is not None and dark01.shape != st_f.master.shape:
+            dark01 = None
         flat_mask = np.zeros(st_f.master.shape, dtype=np.uint8)
         merged = np.zeros(st_f.master.shape, dtype=np.uint8)
         nflat = np.zeros(st_f.master.shape, dtype=np.float32)
@@ -113,6 +118,8 @@ def run_test(data: TestData, sink: ProductSink) -> AnalysisOutput:
             quadrant(flat_mask, q, st_f.geometry)[rows, IMG_COLS] = fbits
             quadrant(nflat, q, st_f.geometry)[rows, IMG_COLS] = np.nan_to_num(ratio, nan=0.0)
             dbits = dms[q].bits & (DEFECT_HOT | DEFECT_COLD)
+            if dark01 is not None:
+                dbits = dbits | (quadrant(dark01, q, st_f.geometry)[rows, IMG_COLS] & (DEFECT_HOT | DEFECT_COLD))
             mbits = dbits | fbits
             cols = column_rule(mbits != 0, p.column_rule)
             mbits[:, cols] |= DEFECT_COLUMN
@@ -125,6 +132,7 @@ def run_test(data: TestData, sink: ProductSink) -> AnalysisOutput:
                 bad_cols_table["n_bad"].append(int(counts[c]))
             flat_level = float(np.mean([r["signal_adu"] for r in st_f.rows if r["quadrant"] == q]))
             results[ccd][q] = {
+                "dark01_mask_merged": dark01 is not None,
                 "n_bias": len(biases),
                 "n_flats": len(flats),
                 "flat_level_adu": flat_level,

@@ -3,8 +3,8 @@
 Per pair of flats at equal exposure time (same CCD, same wavelength; frames paired in ObsID
 order), per canonical quadrant (image area minus an edge of ``edge`` pixels):
 
-- offset: global median of the trimmed prescan (default: row-by-row offsets would add the
-  prescan noise to every row of the difference image);
+- offset: clipped mean of the trimmed prescan (default; row-by-row offsets would add the
+  prescan noise to every row of the difference image, a median is biased on digitised data);
 - clipped means ``mu1``, ``mu2`` (ADU); pairs with ``|mu1 - mu2| / mean > 10 %`` are rejected;
 - symmetric difference ``D = (mu2 I1 - mu1 I2) / ((mu1 + mu2) / 2)`` (cancels illumination and
   PRNU, and a flux mismatch between the two frames);
@@ -67,7 +67,7 @@ FULL_SCALE = 65536.0
 class PTCParams(BaseModel):
     """Analysis parameters of PTC01/02 (and BF01, which re-analyses PTC data)."""
 
-    offset_method: str = Field("global", description="offset subtraction: global (prescan median) | row")
+    offset_method: str = Field("mean", description="offset subtraction: mean (clipped mean of the trimmed prescan) | global (its median) | row")
     edge: int = Field(5, ge=0, description="pixels dropped at every edge of the image area")
     mean_nsigma: float = Field(5.0, description="clipping of the frame means mu1, mu2")
     diff_nsigma: float = Field(5.0, description="clipping of the difference image (mask and variance)")
@@ -140,8 +140,7 @@ class PairMeasurement:
 
 def _image(quad: np.ndarray, offset_method: str, edge: int) -> np.ndarray:
     """Offset-subtracted image area (float64) minus ``edge`` pixels on every side."""
-    method = "global" if offset_method == "global" else "row"
-    off = row_offsets(quad, method)
+    off = row_offsets(quad, offset_method if offset_method in ("row", "global", "mean", "none") else "mean")
     img = np.asarray(quad[edge : IMAGE_ROWS - edge, PRESCAN_COLS + edge : PRESCAN_COLS + IMAGE_COLS - edge], dtype=np.float64)
     return img - off[edge : IMAGE_ROWS - edge, None]
 
@@ -701,7 +700,9 @@ def fit_quadrant(pairs: list[PairMeasurement], frames: list[FrameQuadStats], par
                               np.full((L, L), np.nan), float("nan"), float("nan"), np.full((L, L), np.nan), float("nan"), False, str(exc))
     if np.isfinite(ex.gain):
         model = exponential_model(mu, ex.a00, ex.gain, ex.n00)
-        bloom, lower = find_bloom(np.where(used, mu, np.nan), var, model, err, texp, p)
+        # saturated pairs fail the KS test but do show where the variance falls off the model
+        bloom_use = np.array([not (m.rejected and m.reason.startswith("fluence mismatch")) for m in pairs])
+        bloom, lower = find_bloom(np.where(bloom_use, mu, np.nan), var, model, err, texp, p)
     else:
         bloom, lower = (float(np.nanmax(mu)) if len(mu) else float("nan")), True
     # frame-level: HER from unsaturated frames in the fluence range, overscan RON
