@@ -236,3 +236,20 @@ def test_validator_service_on_full_frames(settings):
     gauge = REGISTRY.get_sample_value("vison_quadrant_offset_adu", {"block": "BORN", "ccd": "CCD2", "quadrant": "G", "region": "pre"})
     assert abs(gauge - good["offsets"]["CCD2"]["G"]) <= 0.5
     assert REGISTRY.get_sample_value("vison_exposure_flag_total", {"block": "BORN", "test": "BIAS01", "flag": "CCDTEMP_OOL"}) >= 1
+
+
+def test_integer_statistics_equal_numpy():
+    from services.validator.checks import integer_median_std
+
+    rng = np.random.default_rng(3)
+    for size in (1, 2, 7, 1000, 100001):
+        values = np.rint(rng.normal(2000, 1.4, size)).astype(np.float32)
+        values[:: max(1, size // 5)] = 65535.0
+        median, std = integer_median_std(values.reshape(1, -1))
+        assert median == float(np.median(values))
+        assert std == pytest.approx(float(values.std(dtype=np.float64)), rel=1e-12, abs=1e-12)
+    quad = np.rint(frame_data({q: 2000.0 for q in QUADRANTS})[:2086, :2119])
+    a, b = quadrant_stats(quad, integer=True), quadrant_stats(quad, integer=False)
+    for region in ("pre", "img", "ove"):
+        assert a[region]["offset"] == b[region]["offset"]
+        assert a[region]["noise"] == pytest.approx(b[region]["noise"], rel=1e-9)

@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         _err(f"data folder {args.data} does not exist")
         return EXIT_USAGE
     plan: Plan = default_plan(label)
+    plans: dict[str, Plan] = {}
     if args.campaign:
         try:
             plans = plans_from_definition(load_definition(args.campaign))
@@ -96,8 +97,10 @@ def run(args: argparse.Namespace) -> int:
             _err(f"test {label} is not in the campaign {args.campaign} (tests: {', '.join(plans)})")
             return EXIT_DATA
         plan = plans[label]
-    expected = args.expected if args.expected is not None else plan.expected_frames
     source = plan.data_from or label
+    if plan.data_from:  # a test re-analysing another test's frames (BF01 <- PTC01): that test's count
+        plan = plans.get(source) or default_plan(source)
+    expected = args.expected if args.expected is not None else plan.expected_frames
 
     sel = select_test(args.data, source)
     if not sel.logs:

@@ -24,6 +24,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -108,6 +109,7 @@ class IngestService:
         self._last_hk = 0.0
         self.published = 0
         self.ready = threading.Event()
+        self._hasher = ThreadPoolExecutor(max_workers=3, thread_name_prefix="sha")
         self._export_static_limits()
 
     # ------------------------------------------------------------------ lifecycle
@@ -137,6 +139,7 @@ class IngestService:
             except Exception:
                 pass
             self._observer = None
+        self._hasher.shutdown(wait=True)
         self.publisher.close()
         self.ledger.close()
         log.info("ingest stopped (%d exposures published by this process)", self.published)
@@ -275,6 +278,7 @@ class IngestService:
 
     def _check_pending(self) -> None:
         now = time.monotonic()
+        complete: list[tuple[Path, str, os.stat_result]] = []
         for rel, pf in list(self.pending.items()):
             path = self.root / rel
             try:
@@ -289,13 +293,15 @@ class IngestService:
                 continue
             if is_complete_fits(path):
                 del self.pending[rel]
-                self._fits_complete(path, rel, st)
+                complete.append((path, rel, st))
                 continue
             pf.next_check = now + min(1.0, max(self.options.poll_interval, (now - pf.since) / 4))
             if now - pf.since >= self.options.incomplete_timeout:
                 pf.reported = True
                 why = f"truncated or incomplete FITS after {now - pf.since:.0f} s: {self._why_incomplete(path)}"
                 self._report("fits", rel, why, f"fits:{rel}:{st.st_size}")
+        if complete:
+            self._frames_complete(complete)
 
     @staticmethod
     def _why_incomplete(path: Path) -> str:
@@ -307,15 +313,26 @@ class IngestService:
             return f"unreadable: {exc}"
         return "not a complete FITS file (size is not a multiple of 2880 bytes)"
 
-    def _fits_complete(self, path: Path, rel: str, st: os.stat_result) -> None:
-        fn = parse_fits_name(path.name)
+    def _frames_complete(self, complete: list[tuple[Path, str, os.stat_result]]) -> None:
+        """Hash the frames that just became complete (in parallel: hashlib releases the GIL)."""
         complete_at = datetime.now(timezone.utc)
         t0 = time.perf_counter()
-        sha = self.ledger.cached_sha(rel, st.st_size, st.st_mtime)
-        if sha is None:
-            sha = sha256_file(path)
-            self.ledger.store_sha(rel, st.st_size, st.st_mtime, sha)
+        shas = [self.ledger.cached_sha(rel, st.st_size, st.st_mtime) for _, rel, st in complete]
+        todo = [i for i, sha in enumerate(shas) if sha is None]
+        if len(todo) > 1:
+            for i, sha in zip(todo, self._hasher.map(sha256_file, [complete[i][0] for i in todo])):
+                shas[i] = sha
+        elif todo:
+            shas[todo[0]] = sha256_file(complete[todo[0]][0])
+        for i in todo:
+            _, rel, st = complete[i]
+            self.ledger.store_sha(rel, st.st_size, st.st_mtime, shas[i])
         PROCESSING_SECONDS.labels(service=SERVICE, step="hash").observe(time.perf_counter() - t0)
+        for (path, rel, st), sha in zip(complete, shas):
+            self._fits_complete(path, rel, st, sha, complete_at)
+
+    def _fits_complete(self, path: Path, rel: str, st: os.stat_result, sha: str, complete_at: datetime) -> None:
+        fn = parse_fits_name(path.name)
         FILES_SEEN.labels(kind="fits").inc()
         exp = self._exposure(fn.obsid)
         exp.frames[fn.ccd] = FileRef(ccd=fn.ccd, path=rel, sha256=sha, size=st.st_size, complete_at=complete_at)

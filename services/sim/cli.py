@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -24,8 +23,6 @@ from services.sim.frames import FrameSpec, SequenceSpec, default_equipment, dura
 from services.sim.hk import parse_hk_injection
 from services.sim.physics import PhysicsConfig
 from services.sim.runner import SimOptions, Simulator, SimTruthError
-
-log = logging.getLogger("vison.sim")
 
 #: CLI option -> PhysicsConfig field
 PHYSICS_OPTIONS = {
@@ -233,7 +230,12 @@ def _dry_run(options: SimOptions, frames: list[FrameSpec]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     try:
         options, physics, frames, sequence = build(args)
-    except (ValueError, KeyError, ValidationError, OSError, RuntimeError) as exc:
+    except ValidationError as exc:
+        from shared.campaign import validation_message
+
+        print(f"vison sim: {exc.title}: {validation_message(exc)}", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
         print(f"vison sim: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:

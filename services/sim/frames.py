@@ -4,7 +4,6 @@ ELVIS writes (exposure-log values, FITS header, frame duration, physics conditio
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 from typing import Any, Iterable, Mapping
 
@@ -30,16 +29,16 @@ ELVIS_CONSTANTS: dict[str, Value] = {
     "egse_ver": "7.5.X",
 }
 
-#: Default equipment values (serial numbers, operator) of a simulated block.
 def default_equipment(block: str) -> dict[str, str]:
+    """Equipment values (operator, serial numbers) of a simulated block; ``sn_roe`` is the block name."""
     return {"operator": "sim", "sn_ccd1": f"CCD273-{block}-1", "sn_ccd2": f"CCD273-{block}-2",
             "sn_ccd3": f"CCD273-{block}-3", "sn_roe": block, "sn_rpsu": f"RPSU-{block}"}
 
 
 class FrameSpec(BaseModel):
-    """One frame to acquire: script register values (layered over the campaign defaults; an
-    exposure-log column name is accepted too) and optionally the physics kind (derived from the
-    values otherwise, see :func:`frame_kind`)."""
+    """One frame to acquire: script register values (``shared.campaign`` register keys, layered
+    over the campaign defaults) and optionally the physics kind (derived from the values
+    otherwise, see :func:`frame_kind`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -48,6 +47,15 @@ class FrameSpec(BaseModel):
     kind: FrameKind | None = None
     column: int | None = Field(None, description="index of the script column the frame belongs to")
     label: str = Field("", description="free label recorded in the truth (e.g. the sequence name)")
+
+    @field_validator("values")
+    @classmethod
+    def _register_keys(cls, values: dict[str, Value]) -> dict[str, Value]:
+        unknown = sorted(set(values) - set(DEFAULTS))
+        if unknown:
+            raise ValueError(f"not script register keys: {', '.join(unknown)} (e.g. exptime, wave, vstart, vend, "
+                             "shuttr, source, mirr_pos, chinj, IDL, IG1_1_T, ...)")
+        return values
 
     def registers(self, equipment: Mapping[str, Value] | None = None) -> dict[str, Value]:
         """Register values: defaults < equipment < frame values, ``test`` = the frame's test."""
@@ -239,7 +247,7 @@ def exposure_conditions(
     kind: FrameKind,
     chamber: Mapping[str, Any],
     drift_factor: float = 1.0,
-    focus_depth_mm: float = 0.4,
+    defocus_px_per_mm: float = 4.0,
 ) -> Exposure:
     """Physics conditions of a frame from its register values and the chamber profile."""
     exptime = float(registers.get("exptime", 0) or 0)
@@ -263,5 +271,5 @@ def exposure_conditions(
         nominal = float(chamber.get("mirror_nom", {}).get(pos, registers.get("mirr_pos", 0)))
         defocus = float(registers.get("mirr_pos", nominal)) - nominal
         exp.fwhm0_px = fwhm0
-        exp.fwhm_px = fwhm0 * math.sqrt(1.0 + (defocus / focus_depth_mm) ** 2)
+        exp.defocus_disk_px = abs(defocus) * defocus_px_per_mm
     return exp

@@ -5,7 +5,8 @@ Units: charge in electrons (e-), signal in ADU, time in seconds, gain in e-/ADU.
 
 The chain for one quadrant of one frame (``simulate_quadrant``):
 
-1. expected charge per image pixel ``lam`` (e-): illumination ``flux * t * drift * response``
+1. expected charge per image pixel ``lam`` (e-): illumination ``flux * t * response`` (flux with
+   the source drift)
    (``response`` = smooth large-scale pattern x (1 + PRNU) x bad-column factor) + dark current
    (quadrant rate + hot pixels) x dark time (+ point sources or injected charge);
 2. shot noise: exact Poisson where ``lam`` is small (mean < ``POISSON_EXACT_BELOW`` e-),
@@ -88,7 +89,7 @@ class PhysicsConfig(BaseModel):
     point_fwhm_growth: float = Field(0.05, ge=0, description="relative spot FWHM growth at 2^16 ADU peak (BF on spots)")
     point_halo_fraction: float = Field(0.6, ge=0, lt=1, description="fraction of a spot's flux in a wide Gaussian halo (optical wings)")
     point_halo_scale: float = Field(5.0, ge=1, description="halo FWHM / core FWHM")
-    focus_depth_mm: float = Field(0.4, gt=0, description="mirror defocus (mm) doubling the spot FWHM^2")
+    defocus_px_per_mm: float = Field(4.0, gt=0, description="diameter (px) of the defocused pupil disk per mm of mirror defocus")
 
 
 class BFTruth(BaseModel):
@@ -253,8 +254,9 @@ def bloom(charge: np.ndarray, full_well_e: float) -> tuple[np.ndarray, int]:
     n_over = int(np.count_nonzero(over))
     if n_over == 0:
         return charge, 0
-    # whole columns above full well: nowhere to go
-    full = charge.min(axis=0) > fw32
+    # columns holding at least a full well per pixel end up saturated from end to end (the
+    # excess leaves through the column ends): shortcut
+    full = charge.sum(axis=0, dtype=np.float64) >= charge.shape[0] * float(full_well_e)
     if full.any():
         charge[:, full] = fw32
         over[:, full] = False
@@ -424,6 +426,32 @@ def gaussian_spot(shape: tuple[int, int], row: float, col: float, fwhm: float, f
     return rs, cs, (np.outer(pr, pc) * flux).astype(np.float32)
 
 
+def spot_stamp(shape: tuple[int, int], row: float, col: float, fwhm: float, disk_px: float, flux: float) -> tuple[slice, slice, np.ndarray]:
+    """A point-source image: a uniform pupil disk of diameter ``disk_px`` (defocus; 5 x 5
+    sub-pixel sampling) convolved with a Gaussian core of ``fwhm``, total ``flux``. A disk
+    below half a pixel is the pixel-integrated Gaussian alone."""
+    if disk_px < 0.5:
+        return gaussian_spot(shape, row, col, fwhm, flux)
+    from scipy.ndimage import gaussian_filter
+
+    sigma = fwhm / 2.3548200450309493
+    half = int(np.ceil(disk_px / 2 + 5 * sigma)) + 1
+    r0, c0 = int(round(row)), int(round(col))
+    rr = np.arange(r0 - half, r0 + half + 1)
+    cc = np.arange(c0 - half, c0 + half + 1)
+    sub = (np.arange(5) - 2) / 5.0
+    dr = (rr[:, None] + sub[None, :]).reshape(-1) - row
+    dc = (cc[:, None] + sub[None, :]).reshape(-1) - col
+    inside = (dr[:, None] ** 2 + dc[None, :] ** 2) <= (disk_px / 2) ** 2
+    disk = inside.reshape(rr.size, 5, cc.size, 5).sum(axis=(1, 3)).astype(np.float64)
+    stamp = gaussian_filter(disk, sigma, mode="constant", truncate=5.0)
+    stamp *= flux / stamp.sum()
+    rs = slice(max(rr[0], 0), min(rr[-1] + 1, shape[0]))
+    cs = slice(max(cc[0], 0), min(cc[-1] + 1, shape[1]))
+    stamp = stamp[rs.start - rr[0]: rs.stop - rr[0], cs.start - cc[0]: cs.stop - cc[0]]
+    return rs, cs, stamp.astype(np.float32)
+
+
 def injection_level_adu(values: dict[str, Any], top: bool, ccd: int) -> float:
     """Charge-injection level (ADU) of a quadrant from the bias voltages: 0 if ``id_wid < 10``;
     ``600 + max(0, IG2 - IG1) * 6000`` below the IDL threshold ``IG1 + 7.5`` (logistic edge of
@@ -449,14 +477,14 @@ class Exposure:
 
     kind: FrameKind
     exptime: float = 0.0
-    flux_e_per_s: float = 0.0  # flat source at the pattern centre, drift included
+    flux_e_per_s: float = 0.0  # flat source, CCD average (pattern mean 1), drift included
     dark_time: float = 0.0
     readout_time: float = 72.0  # cosmic rays also hit during the readout
     vstart: int = 0
     vend: int = 2086
     point_peak_e: float = 0.0  # peak (e-) of an in-focus spot (FWHM fwhm0_px): sets the spot flux
-    fwhm0_px: float = 2.0  # in-focus optical FWHM
-    fwhm_px: float = 2.0  # optical FWHM with the defocus (before the brighter-fatter broadening)
+    fwhm0_px: float = 2.0  # in-focus optical FWHM (Gaussian core)
+    defocus_disk_px: float = 0.0  # diameter of the defocused pupil disk the core is convolved with
     values: dict[str, Any] = field(default_factory=dict)  # all exposure-log values (injection etc.)
 
 
@@ -595,24 +623,30 @@ class DetectorModel:
             lam = np.zeros((IMAGE_ROWS, IMAGE_COLS), dtype=np.float32)
             spots = []
             h, k = self.config.point_halo_fraction, self.config.point_halo_scale
+            # in focus, centred on a pixel, the peak is point_peak_e
+            flux = exp.point_peak_e / ((1 - h) * centre_fraction(exp.fwhm0_px) + h * centre_fraction(k * exp.fwhm0_px))
 
-            def peak_fraction(f: float) -> float:
-                return (1 - h) * centre_fraction(f) + h * centre_fraction(k * f)
+            def render(r: float, c: float, fwhm: float) -> tuple[slice, slice, np.ndarray]:
+                rs, cs, core = spot_stamp(lam.shape, r, c, fwhm, exp.defocus_disk_px, (1 - h) * flux)
+                if h > 0:
+                    hrs, hcs, halo = spot_stamp(lam.shape, r, c, k * fwhm, exp.defocus_disk_px, h * flux)
+                    halo[rs.start - hrs.start: rs.stop - hrs.start, cs.start - hcs.start: cs.stop - hcs.start] += core
+                    return hrs, hcs, halo
+                return rs, cs, core
 
-            flux = exp.point_peak_e / peak_fraction(exp.fwhm0_px)
-            peak_adu = flux * peak_fraction(exp.fwhm_px) / t.gain_e_per_adu
-            fwhm = exp.fwhm_px * (1.0 + self.config.point_fwhm_growth * peak_adu / FULL_SCALE_ADU)
             for fr, fc in SPOT_POSITIONS:
                 r, c = fr * IMAGE_ROWS, fc * IMAGE_COLS
-                for frac, width in ((1 - h, fwhm), (h, k * fwhm)):
-                    if frac > 0:
-                        rs, cs, stamp = gaussian_spot(lam.shape, r, c, width, frac * flux)
-                        lam[rs, cs] += stamp
-                spots.append({"row": round(r, 2), "col": round(c + PRESCAN_COLS, 2)})
+                stamp = render(r, c, exp.fwhm0_px)[2]
+                # brighter-fatter on spots: the core widens with the peak level
+                peak_adu = min(float(stamp.max()) / t.gain_e_per_adu, t.full_well_adu)
+                fwhm = exp.fwhm0_px * (1.0 + self.config.point_fwhm_growth * peak_adu / FULL_SCALE_ADU)
+                rs, cs, stamp = render(r, c, fwhm)
+                lam[rs, cs] += stamp
+                spots.append({"row": round(r, 2), "col": round(c + PRESCAN_COLS, 2), "fwhm_core_px": round(fwhm, 4),
+                              "peak_adu": round(float(stamp.max()) / t.gain_e_per_adu, 1)})
             info["spot_flux_e"] = flux
-            info["spot_peak_adu"] = flux * peak_fraction(fwhm) / t.gain_e_per_adu
+            info["defocus_disk_px"] = exp.defocus_disk_px
             info["spots"] = spots
-            info["fwhm_px"] = fwhm
         elif exp.kind == "chinj":
             level_e = injection_level_adu(exp.values, top=q in ("E", "F"), ccd=int(ccd[-1])) * t.gain_e_per_adu
             on, off = int(exp.values.get("chinj_on", 30) or 0), int(exp.values.get("chinj_of", 100) or 0)

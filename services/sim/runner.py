@@ -153,11 +153,14 @@ MODEL_NOTES = {
     "cosmic_rays": "rate per cm^2 per s over exptime + readout time; straight tracks of 1-12 px",
     "chinj": "injected lines (chinj_on on / chinj_of off) at 600 + max(0, IG2 - IG1) x 6000 ADU, "
     "logistic cut-off at IDL = IG1 + 7.5 V, 2 % per-column non-uniformity; no traps simulated",
-    "point": "5 Gaussian spots per quadrant (SPOT_POSITIONS, canonical image-area fractions; recorded per "
-    "frame), core optical FWHM = fwhm_lambda x sqrt(1 + (defocus / focus_depth_mm)^2), broadened by (1 + "
-    "point_fwhm_growth x peak / 2^16 ADU), plus a Gaussian halo (point_halo_fraction of the flux, FWHM x "
-    "point_halo_scale); flux such that an in-focus spot peaks at exptime / tFWC_point x 2^16 ADU (reference gain)",
+    "point": "5 spots per quadrant (SPOT_POSITIONS, canonical image-area fractions; recorded per frame): a "
+    "Gaussian core of FWHM fwhm_lambda (chamber) x (1 + point_fwhm_growth x peak / 2^16 ADU) convolved with a "
+    "uniform pupil disk of diameter |mirr_pos - mirror_nom| x defocus_px_per_mm, plus a halo (point_halo_fraction "
+    "of the flux, FWHM x point_halo_scale) convolved alike; flux such that an in-focus "
+    "spot centred on a pixel peaks at exptime / tFWC_point x 2^16 ADU (reference gain)",
     "readout_window": "rows outside [vstart, vend) are 0 (not read out)",
+    "not_simulated": "charge-transfer inefficiency (hard-edge response is 0, no trails), traps (trap-pumping "
+    "frames carry the injection only), persistence, crosstalk, offset drifts, pattern noise",
 }
 
 
@@ -279,7 +282,7 @@ class Simulator:
         exptime = float(regs.get("exptime", 0) or 0)
         hours = ((t0 - sim_start).total_seconds() + exptime / 2) / 3600.0
         drift = 1.0 + self.physics.drift_pct_per_hour / 100.0 * hours
-        exposure = exposure_conditions(regs, kind, self.chamber, drift, self.physics.focus_depth_mm)
+        exposure = exposure_conditions(regs, kind, self.chamber, drift, self.physics.defocus_px_per_mm)
 
         # HK over the frame
         times = simhk.sample_times(t0, dur, opts.hk_period_s)
@@ -343,7 +346,8 @@ class Simulator:
             "timing_s": {"generate": round(gen_s, 3), "write": round(write_s, 3)},
         }
         if kind == "point":
-            record["fwhm_px"] = exposure.fwhm_px
             record["fwhm0_px"] = exposure.fwhm0_px
+            record["defocus_disk_px"] = exposure.defocus_disk_px
+            record["mirror_nominal_mm"] = float(self.chamber["mirror_nom"].get(f"F{int(float(regs.get('wave', 4)))}", 0))
             record["point_peak_e"] = exposure.point_peak_e
         return record

@@ -40,17 +40,38 @@ def readout_rows(vstart: int, vend: int, quad_rows: int) -> slice:
     return slice(max(int(vstart), 0), min(int(vend), quad_rows))
 
 
-def quadrant_stats(quad: np.ndarray, vstart: int = 0, vend: int = 2086) -> dict[str, Any]:
+def integer_median_std(values: np.ndarray) -> tuple[float, float]:
+    """Median and standard deviation (ddof 0) of integer-valued ADU in [0, 65535] from their
+    histogram: the same numbers as ``np.median`` / ``np.std``, about 4x faster than sorting."""
+    v = values.astype(np.int32, copy=False).ravel()
+    n = v.size
+    hist = np.bincount(v)
+    cum = np.cumsum(hist)
+    lo = int(np.searchsorted(cum, (n - 1) // 2 + 1))
+    hi = int(np.searchsorted(cum, n // 2 + 1))
+    levels = np.nonzero(hist)[0]
+    counts = hist[levels].astype(np.float64)
+    mean = float((counts * levels).sum() / n)
+    var = float((counts * (levels - mean) ** 2).sum() / n)
+    return (lo + hi) / 2.0, math.sqrt(var)
+
+
+def quadrant_stats(quad: np.ndarray, vstart: int = 0, vend: int = 2086, integer: bool = False) -> dict[str, Any]:
     """Offsets (median, ADU) and noise (std, ADU) of the standard pre / img / ove regions of one
     canonical quadrant, and the counts of saturated (65535) and lost (0) pixels in the readout
-    window (all columns, rows vstart..vend)."""
+    window (all columns, rows vstart..vend). ``integer``: the values are whole ADU in
+    [0, 65535] (16-bit frames), which allows the histogram shortcut."""
     out: dict[str, Any] = {}
     for name in STAT_REGIONS:
         region = standard_region(quad, name, vstart, vend)
         if region.size == 0:
             out[name] = {"offset": float("nan"), "noise": float("nan")}
             continue
-        out[name] = {"offset": float(np.median(region)), "noise": float(region.std(dtype=np.float64))}
+        if integer:
+            median, std = integer_median_std(region)
+        else:
+            median, std = float(np.median(region)), float(region.std(dtype=np.float64))
+        out[name] = {"offset": median, "noise": std}
     window = quad[readout_rows(vstart, vend, quad.shape[0])]
     out["saturated"] = int(np.count_nonzero(window >= SATURATION_ADU))
     out["lost"] = int(np.count_nonzero(window <= LOST_ADU))
@@ -58,10 +79,10 @@ def quadrant_stats(quad: np.ndarray, vstart: int = 0, vend: int = 2086) -> dict[
     return out
 
 
-def frame_stats(data: np.ndarray, vstart: int = 0, vend: int = 2086) -> dict[str, dict[str, Any]]:
+def frame_stats(data: np.ndarray, vstart: int = 0, vend: int = 2086, integer: bool = False) -> dict[str, dict[str, Any]]:
     """:func:`quadrant_stats` of the four quadrants of a frame, keyed E, F, G, H."""
     geometry = Geometry.from_shape(data.shape)
-    return {q: quadrant_stats(quadrant(data, q, geometry), vstart, vend) for q in QUADRANTS}
+    return {q: quadrant_stats(quadrant(data, q, geometry), vstart, vend, integer) for q in QUADRANTS}
 
 
 def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:

@@ -27,7 +27,9 @@ def process_ccd(path: str, expected_sha256: str | None, vstart: int, vend: int) 
     except FrameError as exc:
         return {"ok": False, "what": "fits", "why": exc.reason}
     t2 = time.perf_counter()
-    stats = frame_stats(frame.data, vstart, vend)
+    # 16-bit frames hold whole ADU in [0, 65535]: medians from histograms
+    integer = int(frame.header.get("BITPIX", -32)) in (8, 16)
+    stats = frame_stats(frame.data, vstart, vend, integer=integer)
     t3 = time.perf_counter()
     return {"ok": True, "stats": stats, "shape": list(frame.data.shape),
             "seconds": {"checksum": t1 - t0, "read": t2 - t1, "stats": t3 - t2}}

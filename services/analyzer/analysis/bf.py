@@ -267,3 +267,76 @@ def analyse_bf(frames: Iterable[Any], definition: Any = None, params: BFParams |
             )
             out.setdefault(ccd, {})[q] = BFQuadAnalysis(result=res, a=a, b=b, kernel=kern, mu=mu, cov_maps=covs, pairs=qa.pairs)
     return BFAnalysis(quads=out, warnings=warn, params=p)
+
+
+# ----------------------------------------------------------------------------- analyzer plug-in
+
+PARAMS = BFParams
+
+
+def _draw_bf(fig: Any, quads: dict[str, BFQuadAnalysis], ccd: str) -> None:
+    """Per quadrant: normalised covariances C_ij / mu vs mu (lags 10, 01, 11, 20, 02), the
+    a-matrix and the kernel."""
+    axes = fig.subplots(3, 4)
+    for k, q in enumerate(QUADRANTS):
+        qa = quads.get(q)
+        axes[0, k].set_title(f"{ccd} {q}")
+        if qa is None or qa.mu.size == 0:
+            continue
+        ax = axes[0, k]
+        for i, j in ((1, 0), (0, 1), (1, 1), (2, 0), (0, 2)):
+            if i < qa.cov_maps.shape[1] and j < qa.cov_maps.shape[2]:
+                ax.plot(qa.mu, qa.cov_maps[:, i, j] / qa.mu, "o", ms=2, label=f"C{i}{j}/mu")
+        ax.set_xlabel("mean (ADU)")
+        ax.legend(fontsize=6)
+        im = axes[1, k].imshow(qa.a.T, origin="lower", cmap="coolwarm")
+        axes[1, k].set_xlabel("serial lag")
+        axes[1, k].set_ylabel("parallel lag")
+        fig.colorbar(im, ax=axes[1, k], fraction=0.046)
+        c = qa.kernel.shape[0] // 2
+        im = axes[2, k].imshow(qa.kernel[c - 8 : c + 9, c - 8 : c + 9], origin="lower", cmap="viridis")
+        fig.colorbar(im, ax=axes[2, k], fraction=0.046)
+        axes[2, k].set_title(f"kernel; FWHM +{qa.result.fwhm_x_growth_pct:.2f}/{qa.result.fwhm_y_growth_pct:.2f} %", fontsize=7)
+
+
+def run_test(data: Any, sink: Any) -> Any:
+    """Analyzer plug-in: BF01 on the PTC01 / PTC02 frames."""
+    from services.analyzer.analysis.common import frame_inputs
+    from services.analyzer.model import AnalysisOutput, FigureProduct, ImageProduct, TableProduct
+    from shared.flags import Flag
+
+    raw = dict(data.params)
+    ptc_keys = set(PTCParams.model_fields) - {"max_lag", "fit_lag"}
+    raw.setdefault("ptc", {k: v for k, v in data.params.items() if k in ptc_keys})
+    p = BFParams(**{k: v for k, v in raw.items() if k in BFParams.model_fields})
+    an = analyse_bf(frame_inputs(data), params=p)
+    if not an.quads:
+        raise ValueError(f"{data.label}: no pairs of flats at equal exposure time")
+    flags = Flag(0)
+    for ccd, quads in an.quads.items():
+        if any(not qa.result.fit_ok for qa in quads.values()):
+            flags |= Flag.BADFIT
+        ext = {}
+        for q, qa in quads.items():
+            ext[f"A_{q}"] = qa.a.T.astype(np.float64)  # image rows = parallel lag, columns = serial lag
+            ext[f"B_{q}"] = qa.b.T.astype(np.float64)
+            ext[f"KERNEL_{q}"] = qa.kernel
+        sink.add(ImageProduct(name=f"bf_kernels_{ccd}", ccd=ccd, extensions=ext,
+                              header={"BUNIT": "1/electron", "AXIS1": "serial lag", "AXIS2": "parallel lag"},
+                              description="a and b matrices (Astier 2019 eq. 20) and BF kernel (laplacian K = a) per quadrant"))
+        sink.add(FigureProduct(f"bf_{ccd}", (lambda fig, quads=quads, ccd=ccd: _draw_bf(fig, quads, ccd)), ccd=ccd, size=(16, 10),
+                               description="covariances vs fluence, a-matrix and kernel per quadrant"))
+    rows = [(c, q, qa, k) for c, qs in an.quads.items() for q, qa in qs.items() for k in range(qa.mu.size)]
+    if rows:
+        sink.add(TableProduct("bf_covariances", {
+            "ccd": [c for c, *_ in rows], "quadrant": [q for _, q, *_ in rows], "mu": [qa.mu[k] for *_, qa, k in rows],
+            "cov": np.stack([qa.cov_maps[k] for *_, qa, k in rows])}, units={"mu": "ADU", "cov": "ADU2"},
+            description="covariance maps C[i serial, j parallel] vs fluence (accepted pairs)"))
+    summary = [f"{'CCD':<5}{'Q':<2} {'a00':>10} {'a10':>10} {'a01':>10} {'dFWHMx%':>8} {'dFWHMy%':>8} {'de':>9}"]
+    for ccd, quads in an.quads.items():
+        for q, qa in quads.items():
+            r = qa.result
+            summary.append(f"{ccd:<5}{q:<2} {r.a00:10.3e} {r.a10:10.3e} {r.a01:10.3e} {r.fwhm_x_growth_pct:8.3f} "
+                           f"{r.fwhm_y_growth_pct:8.3f} {r.ellipticity_growth:9.2e}")
+    summary += [f"warning: {w}" for w in an.warnings]
+    return AnalysisOutput(results=an.results(), flags=int(flags), parameters=p.model_dump(mode="json"), summary=summary)

@@ -108,6 +108,23 @@ def as_frames(frames: Iterable[Any]) -> list[FrameInput]:
     return out
 
 
+def frame_inputs(data: Any, frames: Iterable[Any] | None = None) -> list[FrameInput]:
+    """Lazy :class:`FrameInput` s from an analyzer ``TestData`` (``services.analyzer.model``):
+    pixels through ``data.load_quadrants(meta)`` when an analysis asks for them; exposure-log
+    values (``wave``, ``comments``, ``vstart`` ...) in ``meta``; ``time`` = the frame date."""
+    out = []
+    for m in frames if frames is not None else data.frames:
+        values = dict(getattr(m, "values", {}) or {})
+        wave = values.get("wave")
+        try:
+            wave = float(wave) if wave not in (None, "") else None
+        except (TypeError, ValueError):
+            wave = None
+        out.append(FrameInput(quads=(lambda m=m: data.load_quadrants(m)), exptime=float(m.exptime), obsid=int(m.obsid),
+                              ccd=ccd_label(m.ccd), wave=wave, time=getattr(m, "date", None), meta=values))
+    return out
+
+
 def group_by(values: Sequence[float], rel_tol: float = 1e-3, abs_tol: float = 1e-6) -> list[list[int]]:
     """Indices of ``values`` grouped by equality within ``rel_tol`` (sorted by value; each group
     in input order)."""
@@ -601,6 +618,7 @@ __all__ = [
     "IMG_COLS",
     "FrameInput",
     "as_frames",
+    "frame_inputs",
     "ccd_label",
     "group_by",
     "BinnedImage",

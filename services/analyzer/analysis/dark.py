@@ -103,7 +103,7 @@ class DefectMask:
     @property
     def n_hot_isolated(self) -> int:
         """Hot pixels outside the columns masked whole."""
-        return int(np.count_nonzero((self.bits & DEFECT_HOT) & ~(self.bits & DEFECT_COLUMN)))
+        return int(np.count_nonzero(((self.bits & DEFECT_HOT) != 0) & ((self.bits & DEFECT_COLUMN) == 0)))
 
 
 def column_rule(bad: np.ndarray, min_bad: int = 200) -> np.ndarray:

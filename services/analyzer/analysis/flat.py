@@ -81,6 +81,7 @@ class FlatParams(BaseModel):
     bad_column_min: int = Field(100, description="defects in one column from which it counts as a bad column")
     stack_memory_mb: float = Field(1024.0, description="memory bound of the normalised-flat stack")
     chunk_rows: int = Field(128, description="rows per chunk of the median stack")
+    stat_stride: int = Field(2, ge=1, description="PRNU / shot-noise statistics use every n-th row (speed; 1 = all)")
     gain: float | dict | None = Field(None, description="gain (e-/ADU), scalar or {CCD: {Q: g}}: shot noise of single frames")
 
 
@@ -168,9 +169,9 @@ def normalise_quadrant(quad: np.ndarray, params: FlatParams) -> tuple[np.ndarray
     return norm, img, sm.rms_resid, p2p
 
 
-def _trimmed(img: np.ndarray) -> np.ndarray:
+def _trimmed(img: np.ndarray, stride: int = 1) -> np.ndarray:
     lead, trail = STANDARD_TRIMS["img"]
-    return img[:, lead : img.shape[1] - trail]
+    return img[::stride, lead : img.shape[1] - trail]
 
 
 def _gain_of(params: FlatParams, ccd: str, q: str) -> float | None:
@@ -276,14 +277,15 @@ def analyse_flat_ccd(ccd: str, frames: Sequence[FrameInput], params: FlatParams,
                     quad = quads[q]
                     quad_shape = quad.shape
                     norm, img, rms, mod_p2p = normalise_quadrant(quad, p)
-                    st_img = clipped_stats(_trimmed(img), p.nsigma, subsample=7)
-                    st_n = clipped_stats(_trimmed(norm), p.nsigma, subsample=7)
+                    st_img = clipped_stats(_trimmed(img, p.stat_stride), p.nsigma, subsample=7)
+                    st_n = clipped_stats(_trimmed(norm, p.stat_stride), p.nsigma, subsample=7)
                     raw_var[q].append(st_n.var_corrected)
                     flu[q].append(st_img.mean)
                     ron[q].append(clipped_stats(region(quad, "ove", STANDARD_TRIMS["ove"]), p.nsigma).std_corrected)
                     stacks[q][j] = norm - 1.0
                     if j % 2 == 1:
-                        dst = clipped_stats(_trimmed(norm - prev.pop(q)), p.nsigma, subsample=7)
+                        other = prev.pop(q)
+                        dst = clipped_stats(_trimmed(norm, p.stat_stride) - _trimmed(other, p.stat_stride), p.nsigma, subsample=7)
                         shot_var[q].append(dst.var_corrected / 2.0)
                     else:
                         prev[q] = norm
@@ -399,3 +401,101 @@ def analyse_flat(frames: Iterable[Any], definition: Any = None, params: FlatPara
                 warn.append(f"{ccd} {q}: {r.n_bad_columns} bad column(s) in the photo-response mask")
     return FlatAnalysis(results=results, columns=columns, frames=frame_rows, masters=masters, figures=figure_data(masters),
                         warnings=warn, params=p)
+
+
+# ----------------------------------------------------------------------------- analyzer plug-in
+
+PARAMS = FlatParams
+
+
+def _draw_masters(fig: Any, figs: dict[str, Any]) -> None:
+    """Binned master flats (rows: CCDs, columns: quadrants in canonical orientation)."""
+    ccds = sorted(figs)
+    axes = np.atleast_2d(fig.subplots(max(len(ccds), 1), 4))
+    for i, ccd in enumerate(ccds):
+        for j, q in enumerate(QUADRANTS):
+            ax = axes[i, j]
+            d = figs[ccd].get(q)
+            ax.set_title(f"{ccd} {q}", fontsize=8)
+            ax.set_xticks([]), ax.set_yticks([])
+            if d is None:
+                continue
+            th = d["thumb"]
+            im = ax.imshow(th, origin="lower", cmap="viridis", vmin=np.percentile(th, 1), vmax=np.percentile(th, 99))
+            fig.colorbar(im, ax=ax, fraction=0.046)
+
+
+def _draw_prnu(fig: Any, columns: dict[str, dict[str, list[FlatColumnQuad]]], figs: dict[str, Any]) -> None:
+    """PRNU (raw and corrected) vs fluence per CCD/quadrant, and histograms of the masters."""
+    ax1, ax2 = fig.subplots(1, 2)
+    for ccd, quads in columns.items():
+        for q, rows in quads.items():
+            f = [r.fluence_adu for r in rows]
+            line = ax1.plot(f, [r.prnu_pct for r in rows], "o-", ms=3, label=f"{ccd} {q}")[0]
+            ax1.plot(f, [r.prnu_raw_pct for r in rows], "x:", ms=3, color=line.get_color())
+            d = figs.get(ccd, {}).get(q)
+            if d is not None:
+                centres = 0.5 * (d["edges"][1:] + d["edges"][:-1])
+                ax2.semilogy(centres, np.maximum(d["hist"], 0.5), drawstyle="steps-mid", color=line.get_color())
+    ax1.set_xlabel("fluence (ADU)")
+    ax1.set_ylabel("PRNU (%)  (o corrected, x raw)")
+    ax1.legend(fontsize=6, ncol=2)
+    ax2.set_xlabel("master flat")
+    ax2.set_ylabel("pixels")
+
+
+def run_test(data: Any, sink: Any) -> Any:
+    """Analyzer plug-in: FLAT01 / FLAT02, one CCD at a time (products written and dropped)."""
+    from services.analyzer.analysis.common import frame_inputs
+    from services.analyzer.model import AnalysisOutput, FigureProduct, ImageProduct, TableProduct
+    from shared.geometry import assemble
+
+    raw = dict(data.params)
+    if raw.get("gain") is None and getattr(data, "calib", {}).get("gain"):
+        raw["gain"] = data.calib["gain"]
+    p = FlatParams(**{k: v for k, v in raw.items() if k in FlatParams.model_fields})
+    frames = frame_inputs(data)
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    columns: dict[str, dict[str, list[FlatColumnQuad]]] = {}
+    frame_rows: list[FlatFrameQuad] = []
+    figs: dict[str, Any] = {}
+    warn: list[str] = []
+    for ccd in sorted({f.ccd for f in frames}):
+        sub = [f for f in frames if f.ccd == ccd]
+        res, cols, rows, full = analyse_flat_ccd(ccd, sub, p, QUADRANTS)
+        results[ccd] = {q: r.model_dump() for q, r in res.items()}
+        columns[ccd] = cols
+        frame_rows += rows
+        figs.update(figure_data({ccd: full}))
+        ext = {"FLAT": assemble(full["master"]), "ERR": assemble(full["master_err"]), "MASK": assemble(full["mask"])}
+        k = 1
+        while f"col{k}" in full:
+            ext[f"COL{k}"] = assemble(full[f"col{k}"])
+            ext[f"COL{k}_ERR"] = assemble(full[f"col{k}_err"])
+            k += 1
+        sink.add(ImageProduct(name=f"master_flat_{ccd}", ccd=ccd, extensions=ext,
+                              header={"BUNIT": "relative", "NCOMBINE": len(sub), "MASKBIT1": "flat/model < defect_lo",
+                                      "MASKBIT2": "flat/model > defect_hi", "MASKBIT4": "beyond defect_nsigma"},
+                              description="master flat (FLAT, ERR, MASK) and per-column masters (COLk, COLk_ERR); raw-frame orientation"))
+        del full
+        for q, r in res.items():
+            if not np.isfinite(r.prnu_pct):
+                warn.append(f"{ccd} {q}: shot-noise-corrected PRNU unavailable")
+    sink.add(TableProduct("flat_frames", {k: [getattr(r, k) for r in frame_rows] for k in FlatFrameQuad.model_fields},
+                          units={"fluence_adu": "ADU", "prnu_raw_pct": "%"}, description="per frame and quadrant"))
+    col_rows = [(c, q, r) for c, qs in columns.items() for q, rs in qs.items() for r in rs]
+    sink.add(TableProduct("flat_columns", {"ccd": [c for c, _, _ in col_rows], "quadrant": [q for _, q, _ in col_rows],
+                                           **{k: [getattr(r, k) for *_, r in col_rows] for k in FlatColumnQuad.model_fields if k != "wave"}},
+                          description="per script column and quadrant: fluence, PRNU raw / corrected / master, shot noise"))
+    sink.add(FigureProduct("flat_masters", lambda fig: _draw_masters(fig, figs), size=(14, 3.2 * max(len(figs), 1)),
+                           description="binned master flats per CCD and quadrant"))
+    sink.add(FigureProduct("flat_prnu", lambda fig: _draw_prnu(fig, columns, figs), size=(12, 5),
+                           description="PRNU vs fluence and master-flat histograms"))
+    summary = [f"{'CCD':<5}{'Q':<2} {'PRNU%':>7} {'raw%':>7} {'master%':>8} {'shot%':>7} {'defects':>8} {'badcols':>7}"]
+    for ccd, quads in results.items():
+        for q, v in quads.items():
+            summary.append(f"{ccd:<5}{q:<2} {v['prnu_pct']:7.3f} {v['prnu_raw_pct']:7.3f} {v['prnu_master_pct']:8.3f} "
+                           f"{v['shot_pct']:7.3f} {v['n_defects']:8d} {v['n_bad_columns']:7d}")
+    summary += [f"warning: {w}" for w in warn]
+    return AnalysisOutput(results=results, frames=[r.model_dump() for r in frame_rows], parameters=p.model_dump(mode="json"),
+                          summary=summary)

@@ -324,3 +324,72 @@ def analyse_nl(frames: Iterable[Any], definition: Any = None, params: NLParams |
             if r.n_stability < 2:
                 warn.append(f"{ccd} {q}: fewer than 2 stability frames: no drift correction")
     return NLAnalysis(quads=out, warnings=warn, params=p)
+
+
+# ----------------------------------------------------------------------------- analyzer plug-in
+
+PARAMS = NLParams
+
+
+def _draw_nl(fig: Any, quads: dict[str, NLQuadAnalysis], ccd: str) -> None:
+    """NL % vs fluence per quadrant (frames and fitted curve) and the drift of the stability frames."""
+    axes = fig.subplots(2, 4, gridspec_kw={"height_ratios": [3, 1.4]})
+    for k, q in enumerate(QUADRANTS):
+        ax, axd = axes[0, k], axes[1, k]
+        qa = quads.get(q)
+        ax.set_title(f"{ccd} {q}")
+        if qa is None:
+            continue
+        fit = [f for f in qa.frames if f.fitted]
+        other = [f for f in qa.frames if not f.fitted and f.role != "background"]
+        ax.plot([f.fluence_adu for f in fit], [f.nl_pct for f in fit], "o", ms=3, label="fitted")
+        ax.plot([f.fluence_adu for f in other], [f.nl_pct for f in other], "x", ms=3, label="not fitted")
+        ax.plot(qa.curve_fluence, qa.curve_nl_pct, "-", lw=1, label=f"max {qa.result.max_nl_pct:.2f} %")
+        lo = min([f.nl_pct for f in fit], default=-1)
+        hi = max([f.nl_pct for f in fit], default=1)
+        ax.set_ylim(lo - 0.2 * (hi - lo + 0.1), hi + 0.2 * (hi - lo + 0.1))
+        ax.set_xlabel("fluence (ADU)")
+        ax.legend(fontsize=6)
+        st = [f for f in qa.frames if f.role == "stability"]
+        if st:
+            t0 = min(f.time_s for f in st)
+            ref = np.mean([f.fluence_raw_adu for f in st])
+            axd.plot([(f.time_s - t0) / 3600 for f in st], [100 * (f.fluence_raw_adu / ref - 1) for f in st], "o", ms=3)
+            axd.plot([(f.time_s - t0) / 3600 for f in qa.frames], [100 * (f.drift - 1) for f in qa.frames], "-", lw=1)
+        axd.set_xlabel("time (h)")
+    axes[0, 0].set_ylabel("NL (%)")
+    axes[1, 0].set_ylabel("drift (%)")
+
+
+def run_test(data: Any, sink: Any) -> Any:
+    """Analyzer plug-in: NL01 / NL02 (exposure-log comments STAB / BGD mark the frame roles)."""
+    from services.analyzer.analysis.common import frame_inputs
+    from services.analyzer.model import AnalysisOutput, FigureProduct, TableProduct
+    from shared.flags import Flag
+
+    p = NLParams(**{k: v for k, v in data.params.items() if k in NLParams.model_fields})
+    an = analyse_nl(frame_inputs(data), params=p)
+    flags = Flag(0)
+    rows = [fr.model_dump() for qs in an.quads.values() for qa in qs.values() for fr in qa.frames]
+    for ccd, quads in an.quads.items():
+        if any(not qa.result.fit_ok for qa in quads.values()):
+            flags |= Flag.BADFIT
+        sink.add(FigureProduct(f"nl_{ccd}", (lambda fig, quads=quads, ccd=ccd: _draw_nl(fig, quads, ccd)), ccd=ccd, size=(16, 7),
+                               description="non-linearity vs fluence and source drift per quadrant"))
+    if rows:
+        sink.add(TableProduct("nl_frames", {k: [r[k] for r in rows] for k in NLFrameQuad.model_fields if k != "wave"},
+                              units={"fluence_adu": "ADU", "fluence_lin_adu": "ADU", "nl_pct": "%"},
+                              description="per frame and quadrant: role, drift, corrected and linear fluence, NL %"))
+    curves = [(c, q, qa) for c, qs in an.quads.items() for q, qa in qs.items() if qa.curve_fluence.size]
+    if curves:
+        sink.add(TableProduct("nl_curves", {"ccd": [c for c, _, _ in curves], "quadrant": [q for _, q, _ in curves],
+                                            "fluence": np.stack([qa.curve_fluence for *_, qa in curves]),
+                                            "nl_pct": np.stack([qa.curve_nl_pct for *_, qa in curves])},
+                              units={"fluence": "ADU", "nl_pct": "%"}, description="fitted NL curves"))
+    summary = [f"{'CCD':<5}{'Q':<2} {'maxNL%':>8} {'at ADU':>8} {'rms%':>7} {'drift%':>7} {'nfit':>5}"]
+    for ccd, quads in an.quads.items():
+        for q, qa in quads.items():
+            r = qa.result
+            summary.append(f"{ccd:<5}{q:<2} {r.max_nl_pct:8.3f} {r.max_nl_fluence_adu:8.0f} {r.rms_nl_resid_pct:7.4f} {r.drift_pct:7.3f} {r.n_fit:5d}")
+    summary += [f"warning: {w}" for w in an.warnings]
+    return AnalysisOutput(results=an.results(), flags=int(flags), frames=rows, parameters=p.model_dump(mode="json"), summary=summary)

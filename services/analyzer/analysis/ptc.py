@@ -655,7 +655,8 @@ def measure_all_pairs(
 def find_bloom(mu, var, model, var_err, exptime, params: PTCParams) -> tuple[float, bool]:
     """Blooming level: first exposure-time group (by fluence) that starts a run of
     ``bloom_consecutive`` groups whose median variance lies below the model by more than
-    ``bloom_rel_drop`` (relative) and ``bloom_nsigma`` errors. Returns (mean ADU, is_lower_limit)."""
+    ``bloom_rel_drop`` (relative) and ``bloom_nsigma`` errors (a shorter run at the end of the
+    curve counts when its variance is below half the model). Returns (mean ADU, is_lower_limit)."""
     ok = np.isfinite(mu) & np.isfinite(var) & np.isfinite(model)
     idx = np.flatnonzero(ok)
     if idx.size == 0:
@@ -671,6 +672,14 @@ def find_bloom(mu, var, model, var_err, exptime, params: PTCParams) -> tuple[flo
     k = params.bloom_consecutive
     for s in range(len(groups) - k + 1):
         if all(below[s : s + k]):
+            return gmu[s], False
+    # a trailing run shorter than k counts when the variance has collapsed (below half the model)
+    s = len(groups)
+    while s > 0 and below[s - 1]:
+        s -= 1
+    if s < len(groups) and s > 0:
+        ii = idx[groups[s]]
+        if np.median(var[ii]) < 0.5 * np.median(model[ii]):
             return gmu[s], False
     return float(np.max(mu[idx])), True
 
@@ -758,3 +767,94 @@ def analyse_ptc(frames: Iterable[Any], definition: Any = None, params: PTCParams
                 reasons = sorted({m.reason for m in qa.pairs if m.rejected})
                 warn.append(f"{ccd} {q}: {r.n_rejected} pair(s) rejected ({'; '.join(reasons)})")
     return PTCAnalysis(quads=out, frames=fstats, warnings=warn, params=p)
+
+
+# ----------------------------------------------------------------------------- analyzer plug-in
+
+PARAMS = PTCParams
+
+
+def _draw_ptc(fig: Any, quads: dict[str, PTCQuadAnalysis], ccd: str) -> None:
+    """Variance vs mean per quadrant: accepted / rejected / beyond-turnoff points, the
+    exponential and quadratic models, residuals."""
+    axes = fig.subplots(2, 4, sharex="col", gridspec_kw={"height_ratios": [3, 1]})
+    for k, q in enumerate(QUADRANTS):
+        ax, axr = axes[0, k], axes[1, k]
+        qa = quads.get(q)
+        ax.set_title(f"{ccd} {q}")
+        if qa is None:
+            continue
+        mu = np.array([m.mu for m in qa.pairs])
+        var = np.array([m.var for m in qa.pairs])
+        kept = np.zeros(len(qa.pairs), bool)
+        kept[np.flatnonzero(qa.used)] = qa.exp.kept
+        ax.plot(mu[kept], var[kept], "o", ms=3, label="fitted")
+        ax.plot(mu[~kept & qa.used], var[~kept & qa.used], "s", ms=3, mfc="none", label="not fitted")
+        ax.plot(mu[~qa.used], var[~qa.used], "x", ms=4, label="rejected")
+        r = qa.result
+        if np.isfinite(r.gain):
+            grid = np.linspace(0, np.nanmax(mu) if mu.size else 1, 200)
+            ax.plot(grid, exponential_model(grid, r.a00, r.gain, r.n00_e2), "-", lw=1,
+                    label=f"exp: g={r.gain:.4f} a00={r.a00:.2e}")
+            ax.plot(grid, grid / r.gain_quad if np.isfinite(r.gain_quad) else grid * np.nan, ":", lw=1, label=f"linear, quad g={r.gain_quad:.4f}")
+            model = exponential_model(mu, r.a00, r.gain, r.n00_e2)
+            axr.plot(mu[kept], 100 * (var[kept] / model[kept] - 1), "o", ms=3)
+            axr.axhline(0, color="k", lw=0.5)
+        if not r.bloom_is_lower_limit:
+            ax.axvline(r.bloom_adu, color="r", lw=0.7, ls="--", label=f"bloom {r.bloom_adu:.0f}")
+        ax.legend(fontsize=6)
+        axr.set_xlabel("mean (ADU)")
+    axes[0, 0].set_ylabel("variance (ADU$^2$)")
+    axes[1, 0].set_ylabel("resid (%)")
+
+
+def run_test(data: Any, sink: Any) -> Any:
+    """Analyzer plug-in: PTC01 / PTC02 of a whole test (see :mod:`services.analyzer.model`)."""
+    from services.analyzer.analysis.common import frame_inputs
+    from services.analyzer.model import AnalysisOutput, FigureProduct, TableProduct
+    from shared.flags import Flag
+
+    params = PTCParams(**{k: v for k, v in data.params.items() if k in PTCParams.model_fields})
+    an = analyse_ptc(frame_inputs(data), params=params)
+    if not an.quads:
+        raise ValueError(f"{data.label}: no pairs of flats at equal exposure time")
+    flags = Flag(0)
+    rows = []
+    for ccd, quads in an.quads.items():
+        for q, qa in quads.items():
+            rows += [m.row() for m in qa.pairs]
+            if not qa.result.fit_ok:
+                flags |= Flag.BADFIT
+        sink.add(FigureProduct(f"ptc_{ccd}", (lambda fig, quads=quads, ccd=ccd: _draw_ptc(fig, quads, ccd)), ccd=ccd, size=(16, 7),
+                               description="photon transfer curve per quadrant"))
+    sink.add(TableProduct("ptc_pairs", {k: [r[k] for r in rows] for k in rows[0]}, units={"mu": "ADU", "var": "ADU2"},
+                          description="per pair and quadrant: means, variance, nearest covariances, KS p, rejection"))
+    cov_rows = [(ccd, q, m) for ccd, qs in an.quads.items() for q, qa in qs.items() for m in qa.pairs]
+    sink.add(TableProduct("ptc_covariances", {
+        "ccd": [c for c, _, _ in cov_rows], "quadrant": [q for _, q, _ in cov_rows], "mu": [m.mu for *_, m in cov_rows],
+        "cov": np.stack([m.cov for *_, m in cov_rows]), "rejected": [m.rejected for *_, m in cov_rows]},
+        units={"mu": "ADU", "cov": "ADU2"}, description="covariances C[i serial, j parallel] of D/2 per pair"))
+    fr = an.frames
+    sink.add(TableProduct("ptc_frames", {k: [getattr(f, k) for f in fr] for k in FrameQuadStats.__dataclass_fields__},
+                          description="per frame and quadrant: fluence, saturation, overscan RON, HER"))
+    for ccd, quads in an.quads.items():
+        fits_ = {q: qa.full for q, qa in quads.items() if qa.full is not None}
+        if fits_:
+            sink.add(TableProduct(f"ptc_fullcov_{ccd}", {
+                "quadrant": list(fits_), "a": np.stack([f.a for f in fits_.values()]), "b": np.stack([f.b for f in fits_.values()]),
+                "noise": np.stack([f.noise for f in fits_.values()]), "gain": [f.gain for f in fits_.values()]},
+                ccd=ccd, units={"a": "1/electron", "b": "1/electron", "noise": "electron2", "gain": "electron/adu"},
+                description="full covariance model (Astier 2019 eq. 20): a, b, noise matrices [i serial, j parallel]"))
+    summary = [f"{'CCD':<5}{'Q':<2} {'gain':>7} {'err':>7} {'a00':>10} {'noise_e':>7} {'turnoff':>8} {'bloom':>9} {'g_full':>7} {'g_quad':>7}"]
+    for ccd, quads in an.quads.items():
+        for q, qa in quads.items():
+            r = qa.result
+            bloom = f"{'>' if r.bloom_is_lower_limit else ''}{r.bloom_adu:.0f}"
+            summary.append(f"{ccd:<5}{q:<2} {r.gain:7.4f} {r.gain_err:7.4f} {r.a00:10.3e} {r.noise_e:7.2f} {r.turnoff_adu:8.0f} "
+                           f"{bloom:>9} {r.gain_full or float('nan'):7.4f} {r.gain_quad:7.4f}")
+    summary += [f"warning: {w}" for w in an.warnings]
+    from dataclasses import asdict
+
+    return AnalysisOutput(results=an.results(), flags=int(flags), frames=[asdict(f) for f in an.frames],
+                          parameters=params.model_dump(mode="json"), summary=summary,
+                          test_values={"pairs": len(rows), "rejected_pairs": sum(r["rejected"] for r in rows)})
