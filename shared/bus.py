@@ -421,6 +421,15 @@ class Consumer:
                 log.warning("%s: connection lost (%s: %s); reconnecting in %.1f s", self.service,
                             exc.__class__.__name__, exc, delay)
                 self._stop.wait(delay)
+            except Exception:  # infrastructure trouble (state store, broker nack): never die on it
+                self.ready.clear()
+                self._drop()
+                if self._stop.is_set():
+                    break
+                delay = backoff.next()
+                log.exception("%s: unexpected error; unacknowledged messages return to the queue; "
+                              "reconnecting in %.1f s", self.service, delay)
+                self._stop.wait(delay)
         self._drop()
         if self.seen is not None:
             self.seen.close()

@@ -145,6 +145,7 @@ def test_claim_takeover_and_single_publisher(tmp_path):
     jid, created = store.create_job("B", "BIAS01", "h", "complete", lambda j: msg)
     assert created and store.create_job("B", "BIAS01", "h", "complete", lambda j: msg) == (jid, False)
     assert store.claim(jid, "w1", takeover=False) == (True, "pending")
+    assert not store.mark_queued(jid)  # the collector's late "queued" must not undo the worker's claim
     # a duplicate message while w1 runs it: refused; a redelivery (w1 died): taken over
     assert store.claim(jid, "w2", takeover=False) == (False, "running")
     assert store.claim(jid, "w2", takeover=True) == (True, "running")

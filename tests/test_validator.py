@@ -158,6 +158,15 @@ def test_structure_seam(tmp_path):
 # ------------------------------------------------------------------------------------- broker
 
 
+def campaign_available() -> bool:
+    try:
+        import shared.campaign.config  # noqa: F401
+        import shared.campaign.structure  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @pytest.fixture
 def settings(vison_env, monkeypatch):
     from shared.config import get_settings
@@ -188,7 +197,22 @@ def test_validator_service_on_full_frames(settings):
     from shared.metrics import REGISTRY
 
     root = Path(settings.data_root)
-    good = write_exposure(root, 1, block="BORN", hk={"CCD3_TEMP_T": -115.0})
+    definition, script_values = None, {}
+    if campaign_available():
+        from shared.campaign.config import CampaignConfig
+        from shared.explog import explog_layouts
+
+        definition = CampaignConfig(block="BORN", chamber="CHAMBER_A_JUN18", operator="tester",
+                                    tests=[{"name": "BIAS01", "params": {"N": 2}}]).define()
+        columns = set(explog_layouts()["7.5.X"])
+        from shared.campaign.keys import iphi_string
+
+        values = definition.test("BIAS01").script.columns[0].values
+        script_values = {k: v for k, v in values.items() if k in columns and k != "test"}
+        # what ELVIS writes under its own 7.5.X spellings
+        script_values.update({"IPHI": iphi_string(values), "v_tp_mod": values["v_tpmod"],
+                              "s_tp_mod": values["s_tpmod"], "motr": values["motr_on"]})
+    good = write_exposure(root, 1, block="BORN", hk={"CCD3_TEMP_T": -115.0}, explog_extra=script_values)
     bad_sha = write_exposure(root, 2, block="BORN")
     wrong = write_exposure(root, 3, block="BORN")
     write_frame(wrong["files"][3], np.full((4172, 4000), 1000.0, dtype=np.float32), 3)
@@ -199,6 +223,10 @@ def test_validator_service_on_full_frames(settings):
     assert consumer.ready.wait(10)
     events = []
     with Subscription(settings, ["exposure.validated.#", "processing.failed.#"]) as sub, Publisher(settings, "test") as pub:
+        if definition is not None:
+            from shared.events import CampaignDefined
+
+            pub.publish(CampaignDefined(block="BORN", campaign="test", definition=definition.model_dump(mode="json")))
         first = _ingested(root, good)
         pub.publish(first)
         pub.publish(first)  # a duplicate delivery: validated once
@@ -228,7 +256,12 @@ def test_validator_service_on_full_frames(settings):
     assert ev.flag_names == ["CCDTEMP_OOL"] and ev.flags == int(Flag.CCDTEMP_OOL) and not ev.passed
     assert failed_leaves(ev.compliance) == ["hk.P.CCD3_TEMP_T"]
     assert ev.compliance["offsets"]["CCD1"]["E"]["pre"]["passed"]
-    assert ev.structure.startswith("not checked")
+    if definition is not None:
+        assert ev.structure == "checked", ev.structure
+        assert ev.compliance["structure"]["CCD2"]["col001"]["frames"]["value"] == 1
+        assert ev.compliance["structure"]["CCD2"]["col001"]["test"]["passed"]
+    else:
+        assert ev.structure.startswith("not checked")
     by_obsid = {e.obsid: e for e in failed}
     assert by_obsid[2].what == "checksum" and "SHA-256 mismatch" in by_obsid[2].why and by_obsid[2].where.endswith("CCD2.fits")
     assert by_obsid[3].what == "fits" and "NAXIS1=4000" in by_obsid[3].why and by_obsid[3].where.endswith("CCD3.fits")

@@ -69,7 +69,7 @@ class Collector:
         n = 0
         for job in self.store.jobs(status="pending"):
             self.jobs.publish(job["message"], job["job_id"])
-            self.store.set_status(job["job_id"], "queued")
+            self.store.mark_queued(job["job_id"])
             n += 1
         if n:
             log.info("re-published %d pending job(s)", n)
@@ -152,7 +152,7 @@ class Collector:
             log.info("%s %s: job %s already exists (%s); not enqueued again", block, label, job_id, reason)
             return None
         self.jobs.publish(self.store.job(job_id)["message"], job_id)
-        self.store.set_status(job_id, "queued")
+        self.store.mark_queued(job_id)
         log.info("%s %s: enqueued job %s (%s, %d exposures)", block, label, job_id, reason, len({f.obsid for f in frames}))
         return job_id
 

@@ -97,6 +97,14 @@ class JobPublisher:
                     raise
                 time.sleep(backoff.next())
 
+    def depth(self) -> int | None:
+        """Jobs waiting in the queue (None when the broker is unreachable)."""
+        try:
+            return int(self._ensure().queue_declare(jobs_queue(self.settings), passive=True).method.message_count)
+        except CONNECTION_ERRORS:
+            self.close()
+            return None
+
     def tick(self) -> None:
         if self._conn is not None and self._conn.is_open:
             try:

@@ -27,7 +27,8 @@ from services.analyzer.store import AnalyzerStore
 from services.analyzer.worker import worker_main
 from shared.bus import Consumer
 from shared.config import get_settings
-from shared.metrics import ANALYSES, ANALYSIS_DURATION, start_metrics_server
+from services.analyzer.jobs import jobs_queue
+from shared.metrics import ANALYSES, ANALYSIS_DURATION, EVENTS_PUBLISHED, QUEUE_DEPTH, start_metrics_server
 
 log = logging.getLogger("vison.analyzer")
 
@@ -78,13 +79,17 @@ class WorkerPool:
         """Metrics of finished analyses reported by the workers."""
         while True:
             try:
-                test, status, seconds = self.report.get_nowait()
+                item = self.report.get_nowait()
             except queue.Empty:
                 return
             except (EOFError, OSError):  # pragma: no cover
                 return
-            ANALYSES.labels(test=test, status=status).inc()
-            ANALYSIS_DURATION.labels(test=test).observe(seconds)
+            if item[0] == "analysis":
+                _, test, status, seconds = item
+                ANALYSES.labels(test=test, status=status).inc()
+                ANALYSIS_DURATION.labels(test=test).observe(seconds)
+            elif item[0] == "published":
+                EVENTS_PUBLISHED.labels(service="analyzer", kind=item[1]).inc()
 
     def stop(self, timeout: float = 10.0) -> None:
         for p in self.procs:
@@ -134,10 +139,17 @@ def run(args: argparse.Namespace) -> int:
         collector = Collector(settings, store, publisher)
         collector.republish_pending()
 
+        last_depth = [0.0]
+
         def tick(_consumer: Consumer) -> None:
             pool.check()
             pool.drain()
             publisher.tick()
+            if time.monotonic() - last_depth[0] > 5.0:
+                last_depth[0] = time.monotonic()
+                depth = publisher.depth()
+                if depth is not None:
+                    QUEUE_DEPTH.labels(queue=jobs_queue(settings)).set(depth)
 
         consumer = Consumer(settings, "analyzer", BINDINGS, collector.handle, tick=tick, tick_interval=0.5)
         consumer.run(install_signals=True)

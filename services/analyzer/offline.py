@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         _err(str(exc))
         return EXIT_DATA
     except AnalysisFailed as exc:
+        exc.write_results()
         _err(f"analysis failed: {exc.summary}")
         if exc.trace:
             print(exc.trace, file=sys.stderr)

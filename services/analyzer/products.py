@@ -116,6 +116,20 @@ class ProductWriter:
         self.dpi = dpi
         self.paths: list[Path] = []
         self.errors: list[str] = []
+        self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self, age_s: float = 600.0) -> None:
+        """Temporary files of a writer killed mid-write (older than ``age_s``: not a live one)."""
+        import time
+
+        if not self.out_dir.is_dir():
+            return
+        for tmp in self.out_dir.glob(".*.tmp"):
+            try:
+                if time.time() - tmp.stat().st_mtime > age_s:
+                    tmp.unlink()
+            except OSError:
+                pass
 
     # -- bookkeeping
     def relative(self, path: Path) -> str:

@@ -3,8 +3,8 @@ check the input files (existence, SHA-256 against ingest's), find the block's ca
 (BIAS results, PTC gains), call the test's analysis module, write its products and
 ``results.json`` under ``<products_root>/<block>/<test>[.<repeat>]/``.
 
-A failing analysis still leaves a ``results.json`` (``status: failed``, flag SUBTASKCRASH,
-the error and a traceback summary) and raises :class:`AnalysisFailed`.
+A failing analysis raises :class:`AnalysisFailed`, which can write a ``results.json``
+(``status: failed``, flag SUBTASKCRASH, the error and a traceback summary).
 """
 
 from __future__ import annotations
@@ -40,13 +40,25 @@ class DataError(Exception):
 
 
 class AnalysisFailed(Exception):
-    """An analysis raised; ``summary`` is one line, ``trace`` the traceback summary."""
+    """An analysis raised; ``summary`` is one line, ``trace`` the traceback summary.
+    :meth:`write_results` writes the ``results.json`` with ``status: failed`` (the caller decides:
+    a worker that lost its job to another worker must not overwrite that worker's results)."""
 
-    def __init__(self, summary: str, trace: str = "", results_path: str | None = None):
+    def __init__(self, summary: str, trace: str = "", writer: Any = None, doc: dict[str, Any] | None = None):
         self.summary = summary
         self.trace = trace
-        self.results_path = results_path
+        self.results_path: str | None = None
+        self._writer, self._doc = writer, doc
         super().__init__(summary)
+
+    def write_results(self) -> str | None:
+        if self._writer is None or self._doc is None or self.results_path:
+            return self.results_path
+        try:
+            self.results_path = str(self._writer.write_results(self._doc))
+        except Exception:  # pragma: no cover - disk full etc.
+            log.exception("could not write the failed results.json")
+        return self.results_path
 
 
 @dataclass
@@ -193,7 +205,8 @@ def run_analysis(
     """Analyse the frames of one test run (``test`` may carry a repeat suffix ``BIAS01.2``).
 
     Raises :class:`registry.UnknownTest`, :class:`DataError` (before writing anything) or
-    :class:`AnalysisFailed` (after writing a ``results.json`` with ``status: failed``)."""
+    :class:`AnalysisFailed` (products written so far stay; ``write_results()`` on it writes the
+    ``results.json`` with ``status: failed``)."""
     t0 = time.perf_counter()
     base, repeat = split_test_name(test)
     label = run_label(base, repeat)
@@ -237,12 +250,7 @@ def run_analysis(
         flags |= Flag.SUBTASKCRASH
         doc.update(status="failed", flags=int(flags), flag_names=flag_names(int(flags)), error=summary, traceback=trace,
                    duration_s=time.perf_counter() - t0, results={})
-        path = None
-        try:
-            path = str(writer.write_results(doc))
-        except Exception:  # pragma: no cover - disk full etc.
-            log.exception("could not write the failed results.json")
-        raise AnalysisFailed(summary, trace, path) from exc
+        raise AnalysisFailed(summary, trace, writer, doc) from exc
     flags |= Flag(output.flags)
     writer.set_parameters({**resolved, **output.parameters})
     duration = time.perf_counter() - t0

@@ -199,6 +199,13 @@ class AnalyzerStore:
             (status, time.time(), error, json.dumps(result) if result is not None else None, owner, job_id),
         )
 
+    def mark_queued(self, job_id: str) -> bool:
+        """``pending -> queued`` once the job message is on the broker (never overwrites a job a
+        worker already claimed: the worker can be faster than this update)."""
+        cur = self._exec("UPDATE jobs SET status = 'queued', updated_at = ? WHERE job_id = ? AND status = 'pending'",
+                         (time.time(), job_id))
+        return cur.rowcount == 1
+
     def claim(self, job_id: str, owner: str, takeover: bool, message: str | None = None) -> tuple[bool, str]:
         """Take a job for running. A job already running / publishing is taken over only when
         ``takeover`` (a redelivered message: its previous worker died). Returns (claimed, status

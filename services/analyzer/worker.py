@@ -25,7 +25,8 @@ from typing import Any
 import pika
 
 from services.analyzer.jobs import AnalysisJob, declare_jobs_queue, jobs_queue
-from services.analyzer.runner import AnalysisFailed, DataError, run_analysis
+from services.analyzer.products import utc_now, write_json
+from services.analyzer.runner import AnalysisFailed, DataError, products_dir, run_analysis
 from services.analyzer.store import AnalyzerStore
 from shared.bus import Backoff, CONNECTION_ERRORS, Publisher, connection_parameters
 from shared.config import Settings
@@ -177,6 +178,7 @@ class Worker:
                                              params=job.params, expected_frames=job.expected_frames, job_id=job.job_id)
         except AnalysisFailed as exc:
             outcome["error"] = (exc.summary, exc.trace)
+            outcome["failure"] = exc
         except DataError as exc:
             outcome["error"] = (f"{job.test} {job.block}: {exc}", "")
         except Exception as exc:  # unknown test, bugs in the adapter: a failed analysis, the worker lives on
@@ -189,7 +191,7 @@ class Worker:
             self._finish_completed(job, outcome["result"], seconds)
         else:
             summary, trace = outcome.get("error") or ("analysis ended without a result", "")
-            self._finish_failed(job, summary, trace, seconds)
+            self._finish_failed(job, summary, trace, seconds, outcome.get("failure"))
 
     def _finish_completed(self, job: AnalysisJob, result: Any, seconds: float) -> None:
         if not self.store.begin_publish(job.job_id, self.owner):
@@ -209,11 +211,22 @@ class Worker:
         log.info("worker %d: %s %s completed in %.1f s (%s)", self.index, job.test, job.block, seconds,
                  ", ".join(flag_names(result.flags)) or "no flags")
 
-    def _finish_failed(self, job: AnalysisJob, summary: str, trace: str, seconds: float) -> None:
+    def _finish_failed(self, job: AnalysisJob, summary: str, trace: str, seconds: float, failure: Any = None) -> None:
         if not self.store.begin_publish(job.job_id, self.owner):
             log.info("worker %d: failed job %s was taken over by another worker; not published", self.index, job.job_id)
             return
         flags = int(Flag.SUBTASKCRASH)
+        if failure is not None:
+            failure.write_results()  # results.json with status failed, SUBTASKCRASH, traceback
+        else:  # failed before the analysis started (missing / changed input, unknown test)
+            try:
+                write_json(products_dir(self.settings.products_root, job.block, job.test) / "results.json", {
+                    "schema": "vison.results/1", "test": job.base, "repeat": job.repeat, "label": job.test,
+                    "block": job.block, "status": "failed", "flags": flags, "flag_names": flag_names(flags),
+                    "error": summary, "traceback": trace, "obsids": job.obsids, "results": {},
+                    "provenance": {"job_id": job.job_id, "created": utc_now()}})
+            except OSError:
+                log.exception("could not write the failed results.json of %s", job.job_id)
         self.publisher.publish(ProcessingFailed(
             event_id=derived_event_id("processing.failed", job.job_id), producer="analyzer", what="analysis",
             where=f"{job.block}/{job.test}", why=summary, service="analyzer", test=job.test, block=job.block,
@@ -231,9 +244,13 @@ class Worker:
         log.error("worker %d: %s %s failed: %s", self.index, job.test, job.block, summary)
 
     def _report(self, test: str, status: str, seconds: float) -> None:
+        """Tell the parent (which serves the metrics): the analysis, and the events published."""
         if self.report is not None:
             try:
-                self.report.put_nowait((test, status, seconds))
+                self.report.put_nowait(("analysis", test, status, seconds))
+                kinds = ["analysis.completed"] + (["processing.failed"] if status == "failed" else [])
+                for kind in kinds:
+                    self.report.put_nowait(("published", kind))
             except Exception:  # pragma: no cover - parent gone
                 pass
 

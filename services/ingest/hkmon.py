@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 from shared.events import HKSample, HKSamples
 from shared.filenames import parse_hk_daily_name
 from shared.hk import HKFormatError, HKTail, canonical_hk_key, check_hk_limits
-from shared.metrics import HK_LAST_SAMPLE, HK_LIMIT, HK_OUT_OF_LIMITS, HK_VALUE
+from shared.metrics import FILES_SEEN, HK_LAST_SAMPLE, HK_LIMIT, HK_OUT_OF_LIMITS, HK_VALUE
 
 log = logging.getLogger("vison.ingest.hk")
 
@@ -68,6 +68,7 @@ class HKMonitor:
             f.errors_reported = len(f.tail.errors)
             if not rows:
                 continue
+            FILES_SEEN.labels(kind="hk_row").inc(len(rows))
             first_new = max(0, f.skip - f.count)
             f.count += len(rows)
             self._gauges(f, rows[-1], commanded)

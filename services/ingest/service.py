@@ -86,6 +86,13 @@ class _Exposure:
         return out
 
 
+def _sha_or_none(path: Path) -> str | None:
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
+
+
 class IngestService:
     def __init__(self, settings: Settings, options: IngestOptions | None = None, publisher: Publisher | None = None):
         self.settings = settings
@@ -121,13 +128,21 @@ class IngestService:
         log.info("ingest: watching %s (block %s)", self.root_resolved, self.block)
         try:
             while not self.stop_event.is_set():
-                self.step()
+                try:
+                    self.step()
+                except Exception:  # a vanished file, a full disk...: log, keep watching
+                    if self.stop_event.is_set():
+                        break
+                    log.exception("ingest: error in the watch loop; continuing")
+                    self.stop_event.wait(1.0)
                 self.ready.set()
                 try:
                     path = self.events.get(timeout=self.options.poll_interval)
                     self._touch(Path(path))
                 except queue.Empty:
                     pass
+                except OSError as exc:
+                    log.warning("ingest: %s", exc)
         finally:
             self.close()
 
@@ -185,6 +200,8 @@ class IngestService:
                 self._touch(Path(self.events.get_nowait()))
             except queue.Empty:
                 break
+            except OSError as exc:  # the file went away meanwhile
+                log.debug("ingest: %s", exc)
         self._check_pending()
         self._poll_logs()
         self._flush()
@@ -205,7 +222,10 @@ class IngestService:
             if depth >= 3:
                 dirnames[:] = []
             for name in filenames:
-                self._touch(Path(dirpath) / name)
+                try:
+                    self._touch(Path(dirpath) / name)
+                except OSError as exc:
+                    log.debug("ingest: %s", exc)
 
     # ------------------------------------------------------------------ files
     def _rel(self, path: Path) -> str:
@@ -245,6 +265,10 @@ class IngestService:
             if name.lower().endswith((".fits", ".fit", ".fits.gz")):
                 self._report("fits", rel, "not an ELVIS FITS name (EUC_<ObsID>_<DDMMYY>D<HHMMSS>T_ROE<r>_CCD<c>.fits)",
                              f"name:{rel}")
+            return
+        if kind == "fits" and self.ledger.is_published(self.block, parse_fits_name(name).obsid):
+            return  # cheap exit for the files of published exposures (every rescan sees them)
+        if kind == "hk_exposure" and self.ledger.is_published(self.block, parse_hk_exposure_name(name).obsid):
             return
         if not self._inside(path):
             self._report("path", rel, "outside the data root (symbolic link): refused", f"path:{rel}")
@@ -319,17 +343,15 @@ class IngestService:
         t0 = time.perf_counter()
         shas = [self.ledger.cached_sha(rel, st.st_size, st.st_mtime) for _, rel, st in complete]
         todo = [i for i, sha in enumerate(shas) if sha is None]
-        if len(todo) > 1:
-            for i, sha in zip(todo, self._hasher.map(sha256_file, [complete[i][0] for i in todo])):
-                shas[i] = sha
-        elif todo:
-            shas[todo[0]] = sha256_file(complete[todo[0]][0])
-        for i in todo:
-            _, rel, st = complete[i]
-            self.ledger.store_sha(rel, st.st_size, st.st_mtime, shas[i])
+        for i, sha in zip(todo, self._hasher.map(_sha_or_none, [complete[i][0] for i in todo])):
+            shas[i] = sha
+            if sha is not None:
+                _, rel, st = complete[i]
+                self.ledger.store_sha(rel, st.st_size, st.st_mtime, sha)
         PROCESSING_SECONDS.labels(service=SERVICE, step="hash").observe(time.perf_counter() - t0)
         for (path, rel, st), sha in zip(complete, shas):
-            self._fits_complete(path, rel, st, sha, complete_at)
+            if sha is not None:  # None: the file vanished meanwhile
+                self._fits_complete(path, rel, st, sha, complete_at)
 
     def _fits_complete(self, path: Path, rel: str, st: os.stat_result, sha: str, complete_at: datetime) -> None:
         fn = parse_fits_name(path.name)

@@ -52,8 +52,20 @@ def make_pool(kind: str, workers: int) -> Executor | None:
     if kind == "serial" or workers <= 1 and kind != "process":
         return None
     if kind == "process":
-        return ProcessPoolExecutor(max_workers=workers)
+        import multiprocessing
+
+        # forkserver: workers do not inherit the broker connection; they ignore SIGINT / SIGTERM
+        # (the service finishes its current exposure, then shuts the pool down)
+        return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"),
+                                   initializer=_ignore_signals)
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ccd")
+
+
+def _ignore_signals() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class Validator:
@@ -143,7 +155,11 @@ class Validator:
             notes.append(hk_note)
         flags |= hk_flags
 
-        status, structure_tree, structure_flags = check_exposure_structure(self.store, ev.block, ev.test, ev.obsid, rows)
+        try:
+            status, structure_tree, structure_flags = check_exposure_structure(self.store, ev.block, ev.test, ev.obsid, rows)
+        except Exception as exc:  # the exposure's verdict must not depend on the campaign code working
+            log.exception("structure check of ObsID %s failed", ev.obsid)
+            status, structure_tree, structure_flags = f"not checked: {exc.__class__.__name__}: {exc}", {}, Flag(0)
         if structure_tree:
             compliance["structure"] = structure_tree
         flags |= structure_flags

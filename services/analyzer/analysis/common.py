@@ -111,7 +111,10 @@ def as_frames(frames: Iterable[Any]) -> list[FrameInput]:
 def frame_inputs(data: Any, frames: Iterable[Any] | None = None) -> list[FrameInput]:
     """Lazy :class:`FrameInput` s from an analyzer ``TestData`` (``services.analyzer.model``):
     pixels through ``data.load_quadrants(meta)`` when an analysis asks for them; exposure-log
-    values (``wave``, ``comments``, ``vstart`` ...) in ``meta``; ``time`` = the frame date."""
+    values (``wave``, ``comments``, ``vstart`` ...) in ``meta``; ``time`` = the frame date.
+    Uses ``data.frame_inputs()`` when the TestData provides it."""
+    if frames is None and callable(getattr(data, "frame_inputs", None)):
+        return list(data.frame_inputs())
     out = []
     for m in frames if frames is not None else data.frames:
         values = dict(getattr(m, "values", {}) or {})

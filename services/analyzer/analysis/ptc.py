@@ -544,7 +544,6 @@ def fit_full_covariance(
         jtj = res.jac.T @ res.jac
         pcov = np.linalg.pinv(jtj) * max(chi2, 1.0)
         perr = unscale(np.sqrt(np.clip(np.diag(pcov), 0, None)))
-        # unscale multiplies; errors scale the same way
     except np.linalg.LinAlgError:  # pragma: no cover
         perr = np.full(res.x.size, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
