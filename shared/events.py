@@ -238,6 +238,30 @@ class TestClose(Event):
         return f"{self.kind}.{routing_word(self.test)}.{routing_word(self.block)}"
 
 
+class TestStructureChecked(Event):
+    """The validator's verdict on a whole test's structure once the test is over (the next test
+    started, or an operator closed it): frames per CCD against the script, extra frames, and
+    whether it ended early (MISSDATA)."""
+
+    __test__ = False  # not a pytest class
+    kind: ClassVar[str] = "test.checked"
+    test: str
+    block: str
+    reason: str = Field(description="Why the test counts as over: 'next test started' or 'closed by operator'.")
+    passed: bool
+    ended_early: bool
+    frames_expected: int | None = Field(None, description="Frames per CCD in the script (None: test unknown).")
+    frames_seen: dict[str, int] = Field(default_factory=dict, description="Frames seen per CCD.")
+    extra_frames: dict[str, int] = Field(default_factory=dict, description="Frames beyond the script, per CCD.")
+    compliance: dict[str, Any] = Field(default_factory=dict, description="Per CCD: per script column and key leaves.")
+    flags: int = 0
+    flag_names: list[str] = Field(default_factory=list)
+    status: str = Field("checked", description="'checked', or why the structure could not be checked.")
+
+    def routing_key(self) -> str:
+        return f"{self.kind}.{routing_word(self.test)}.{routing_word(self.block)}"
+
+
 class AnalysisCompleted(Event):
     """Results and products of one test analysis."""
 
@@ -282,6 +306,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         CampaignDefined,
         ScriptgenRequest,
         TestClose,
+        TestStructureChecked,
         AnalysisCompleted,
         MetatestCompleted,
     )

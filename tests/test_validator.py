@@ -286,3 +286,37 @@ def test_integer_statistics_equal_numpy():
     for region in ("pre", "img", "ove"):
         assert a[region]["offset"] == b[region]["offset"]
         assert a[region]["noise"] == pytest.approx(b[region]["noise"], rel=1e-9)
+
+
+def test_test_ended_early_is_reported_when_the_next_test_starts(tmp_path, monkeypatch):
+    """A 3-frame BIAS01 that stops after 2 frames: the first DARK01 exposure makes the validator
+    publish test.checked for BIAS01 with ended_early and MISSDATA; a complete test passes."""
+    pytest.importorskip("shared.campaign.config")
+    from services.validator.structure import finish_test_structure
+    from shared.campaign.config import CampaignConfig
+    from tests.test_ingest_data import BASE_DATE, explog_values
+
+    store = ValidatorStore(tmp_path / "v.sqlite")
+    config = CampaignConfig(block="BORN", chamber="CHAMBER_A_JUN18", operator="tester",
+                            tests=[{"name": "BIAS01", "params": {"N": 3}}, {"name": "DARK01", "params": {"N": 1}}])
+    definition = config.define()
+    store.save_campaign("BORN", definition.model_dump(mode="json"))
+    known = set(explog_values(0, 1, BASE_DATE, "X")) - {"test"}
+
+    def rows_of(test, obsid):
+        col = {k: v for k, v in definition.test(test).script.columns[0].values.items() if k in known}
+        return {c: {**explog_values(obsid, c, BASE_DATE, test), **col} for c in (1, 2, 3)}
+
+    for obsid in (1, 2):
+        assert store.switch_test("BORN", "BIAS01", obsid) is None
+        check_exposure_structure(store, "BORN", "BIAS01", obsid, rows_of("BIAS01", obsid))
+    assert store.switch_test("BORN", "DARK01", 3) == "BIAS01"
+    assert store.switch_test("BORN", "DARK01", 3) is None  # redelivery: no second report
+    assert store.switch_test("BORN", "BIAS01", 2) is None  # a late, older exposure: no report
+    over = finish_test_structure(store, "BORN", "BIAS01")
+    assert over["ended_early"] and over["flag_names"] == ["MISSDATA"] and not over["passed"]
+    assert over["frames_expected"] == 3 and over["frames_seen"] == {"CCD1": 2, "CCD2": 2, "CCD3": 2}
+    assert over["compliance"]["CCD1"]["complete"] == {"passed": False, "value": 2, "lo": 3, "hi": 3}
+    check_exposure_structure(store, "BORN", "DARK01", 3, rows_of("DARK01", 3))
+    done = finish_test_structure(store, "BORN", "DARK01")
+    assert done["passed"] and not done["ended_early"] and done["flags"] == 0

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from services.validator.checks import all_passed, assess_hk, assess_image, failed_leaves
-from services.validator.structure import ValidatorStore, check_exposure_structure
+from services.validator.structure import ValidatorStore, check_exposure_structure, finish_test_structure
 from services.validator.worker import process_ccd
 from shared.bus import Delivery
 from shared.config import Settings
@@ -28,6 +28,8 @@ from shared.events import (
     ExposureIngested,
     ExposureValidated,
     ProcessingFailed,
+    TestClose,
+    TestStructureChecked,
     derived_event_id,
 )
 from shared.flags import Flag, flag_names
@@ -44,7 +46,7 @@ from shared.refdata import block_offsets, elvis_formats
 log = logging.getLogger("vison.validator")
 
 SERVICE = "validator"
-BINDINGS = ["exposure.ingested.#", "campaign.defined.#"]
+BINDINGS = ["exposure.ingested.#", "campaign.defined.#", "test.close.#"]
 
 
 def make_pool(kind: str, workers: int) -> Executor | None:
@@ -89,6 +91,9 @@ class Validator:
             self.store.save_campaign(event.block, event.definition)
             log.info("campaign definition of block %s stored (%s)", event.block, event.campaign or "-")
             return
+        if isinstance(event, TestClose):
+            delivery.publish(self.test_over(event.block, event.test, "closed by operator"))
+            return
         if isinstance(event, ExposureIngested):
             for out in self.validate(event):
                 delivery.publish(out)
@@ -98,6 +103,18 @@ class Validator:
         log.debug("ignoring %s", delivery.routing_key)
 
     # ---------------------------------------------------------------- checks
+    def test_over(self, block: str, test: str, reason: str) -> TestStructureChecked:
+        """The whole-test structure verdict of a test that is over (ended early -> MISSDATA)."""
+        fields = finish_test_structure(self.store, block, test)
+        out = TestStructureChecked(
+            event_id=derived_event_id("test.checked", block, test, sorted(fields.get("frames_seen", {}).items())),
+            producer=SERVICE, reason=reason, **fields,
+        )
+        if out.ended_early or not out.passed:
+            log.warning("test %s of block %s is over (%s): %s, frames %s of %s", test, block, reason,
+                        out.flag_names or out.status, out.frames_seen, out.frames_expected)
+        return out
+
     def _resolve(self, rel: str) -> Path | None:
         path = (self.data_root / rel).resolve()
         if path != self.data_root and self.data_root not in path.parents:
@@ -155,6 +172,8 @@ class Validator:
             notes.append(hk_note)
         flags |= hk_flags
 
+        previous = self.store.switch_test(ev.block, ev.test, ev.obsid)
+        over = [self.test_over(ev.block, previous, "next test started")] if previous else []
         try:
             status, structure_tree, structure_flags = check_exposure_structure(self.store, ev.block, ev.test, ev.obsid, rows)
         except Exception as exc:  # the exposure's verdict must not depend on the campaign code working
@@ -178,7 +197,7 @@ class Validator:
         self._metrics(out, t1 - t0, t2 - t1)
         if not passed:
             log.info("ObsID %s %s: flags %s; failing %s", ev.obsid, ev.test, out.flag_names, failed_leaves(compliance)[:8])
-        return [out]
+        return [*over, out]
 
     @staticmethod
     def _ccd_of(row: dict[str, Any], index: int) -> int:
