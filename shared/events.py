@@ -379,6 +379,7 @@ _ROUTING_DOC = {
     "campaign.defined": "campaign.defined.<block>",
     "scriptgen.request": "scriptgen.request.<block>",
     "test.close": "test.close.<test>.<block>",
+    "test.checked": "test.checked.<test>.<block>",
     "analysis.completed": "analysis.completed.<test>.<block>",
     "metatest.completed": "metatest.completed.<family>",
 }
@@ -402,6 +403,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "ScriptgenRequest",
     "TestClose",
+    "TestStructureChecked",
     "derived_event_id",
     "event_body",
     "json_schemas",

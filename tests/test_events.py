@@ -21,6 +21,7 @@ from shared.events import (
     ProcessingFailed,
     ScriptgenRequest,
     TestClose,
+    TestStructureChecked,
     derived_event_id,
     parse_event,
     routing_word,
@@ -42,13 +43,15 @@ SAMPLES = [
     CampaignDefined(block="BORN", campaign="mini", definition={"tests": []}),
     ScriptgenRequest(block="BORN", config={"preset": "mini"}),
     TestClose(test="PTC01", block="BORN", operator="rc"),
+    TestStructureChecked(test="BIAS01", block="BORN", reason="next test started", passed=False, ended_early=True,
+                         frames_expected=10, frames_seen={"CCD1": 7}, flags=1, flag_names=["MISSDATA"]),
     AnalysisCompleted(test="PTC01", block="BORN", results={"gain": {"CCD1": {"E": 3.3}}}, products=["BORN/PTC01/gain.json"]),
     MetatestCompleted(family="ptc", blocks=["BORN"]),
 ]
 KEYS = [
     "exposure.ingested.BIAS01.BORN", "hk.samples.BORN", "exposure.validated.PTC01.BORN",
     "processing.failed.UNKNOWN.UNKNOWN", "campaign.defined.BORN", "scriptgen.request.BORN",
-    "test.close.PTC01.BORN", "analysis.completed.PTC01.BORN", "metatest.completed.ptc",
+    "test.close.PTC01.BORN", "test.checked.BIAS01.BORN", "analysis.completed.PTC01.BORN", "metatest.completed.ptc",
 ]
 
 
