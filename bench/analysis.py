@@ -16,7 +16,6 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the analyzer workers run
 
 import argparse
-import json
 import shutil
 import socket
 import sys

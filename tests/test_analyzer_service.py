@@ -195,6 +195,48 @@ def test_worker_killed_mid_analysis_gives_exactly_one_result(vison_env, tmp_path
     assert json.loads((products / "BORN" / "BIAS01" / "results.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.fullsize
+def test_service_stopped_mid_analysis_and_restarted_gives_one_result(vison_env, tmp_path):
+    """SIGTERM to the analyzer during an analysis: the job goes back to the queue (attempt not
+    counted); the restarted service (same state dir) runs it once; nothing is enqueued twice."""
+    settings = get_settings()
+    data, products = Path(settings.data_root), Path(settings.products_root)
+    _sim(data, "BIAS01", 1, 44)
+    events_in = _validated(data)
+    ensure_queue(settings, "analyzer", BINDINGS)
+    with Subscription(settings, ["analysis.completed.#", "processing.failed.#"]) as sub, Publisher(settings) as pub:
+        first, _ = _stack(vison_env, tmp_path, workers=1)
+        first.start()
+        try:
+            pub.publish(_campaign("BORN", {"BIAS01": 1}))
+            for ev in events_in:
+                pub.publish(ev)
+            end = time.monotonic() + 120
+            first_product = products / "BORN" / "BIAS01" / "master_bias_CCD1.fits"
+            while time.monotonic() < end and not first_product.exists():
+                time.sleep(0.05)
+            assert first_product.exists(), _log(tmp_path)
+        finally:
+            codes = first.stop()
+        assert codes == {"analyzer": 0}, _log(tmp_path)
+        jobs = _jobs(Path(settings.state_dir))
+        assert [(j["status"], j["attempts"]) for j in jobs] == [("queued", 0)], jobs
+        early = [parse_event(b, rk) for rk, _, b in sub.messages(timeout=0.5)]
+        second, _ = _stack(vison_env, tmp_path, workers=1)
+        second.start()
+        try:
+            events = early + _collect(sub, lambda evs: any(isinstance(e, AnalysisCompleted) for e in evs), 180, settle=2)
+        finally:
+            codes = second.stop()
+    log = _log(tmp_path)
+    assert codes == {"analyzer": 0}, log
+    done = [e for e in events if isinstance(e, AnalysisCompleted)]
+    assert len(done) == 1 and done[0].status == "completed", (events, log)
+    jobs = _jobs(Path(settings.state_dir))
+    assert [(j["status"], j["attempts"]) for j in jobs] == [("completed", 1)]
+    assert "goes back to the queue" in log
+
+
 def test_failed_analysis_publishes_processing_failed_and_worker_lives_on(vison_env, tmp_path):
     """DARK01 frames without exposure time cannot be analysed: processing.failed with the
     traceback summary, analysis.completed status failed + SUBTASKCRASH, results.json failed;

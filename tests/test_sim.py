@@ -122,7 +122,7 @@ def test_truth_content(run_dir):
         for q in QUADRANTS:
             qt = c["quadrants"][q]
             assert abs(qt["offset_adu"] - ref[ccd][q]) <= 3.0
-            assert 1.3 <= qt["ron_adu"] <= 1.5 and 3.1 <= qt["gain_e_per_adu"] <= 3.5
+            assert 1.25 <= qt["ron_adu"] <= 1.40 and 3.1 <= qt["gain_e_per_adu"] <= 3.5
             assert qt["ron_analog_adu"] == pytest.approx(np.sqrt(qt["ron_adu"] ** 2 - 1 / 12))
             for key in ("dark_e_per_s", "full_well_e", "prnu_pct", "nl", "bf"):
                 assert key in qt

@@ -139,17 +139,24 @@ def run(args: argparse.Namespace) -> int:
         collector = Collector(settings, store, publisher)
         collector.republish_pending()
 
-        last_depth = [0.0]
+        last = {"depth": 0.0, "outbox": time.monotonic()}
 
         def tick(_consumer: Consumer) -> None:
             pool.check()
             pool.drain()
             publisher.tick()
-            if time.monotonic() - last_depth[0] > 5.0:
-                last_depth[0] = time.monotonic()
+            now = time.monotonic()
+            if now - last["depth"] > 5.0:
+                last["depth"] = now
                 depth = publisher.depth()
                 if depth is not None:
                     QUEUE_DEPTH.labels(queue=jobs_queue(settings)).set(depth)
+            if now - last["outbox"] > 30.0:  # jobs whose publication failed (broker away): retry
+                last["outbox"] = now
+                try:
+                    collector.republish_pending()
+                except Exception as exc:  # broker still away: next time
+                    log.warning("pending jobs not re-published yet: %s", exc)
 
         consumer = Consumer(settings, "analyzer", BINDINGS, collector.handle, tick=tick, tick_interval=0.5)
         consumer.run(install_signals=True)

@@ -103,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--json", action="store_true", help="print a JSON summary")
 
     phys = parser.add_argument_group("physics (truth recorded in truth.json)")
-    phys.add_argument("--ron", type=float, default=None, help="read noise, ADU (default: 1.3-1.5 per quadrant)")
+    phys.add_argument("--ron", type=float, default=None, help="read noise, ADU (default: 1.25-1.40 per quadrant)")
     phys.add_argument("--gain", type=float, default=None, help="gain, e-/ADU (default: 3.1-3.5 per quadrant)")
     phys.add_argument("--offset-scatter", type=float, default=None, help="offset delta around the block reference, +/- ADU (3)")
     phys.add_argument("--prnu", type=float, default=None, help="PRNU, %% (1)")

@@ -68,7 +68,7 @@ class PhysicsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     offset_scatter_adu: float = Field(3.0, ge=0, description="per-quadrant offset delta drawn in +/- this (ADU) around the block reference")
-    ron_range_adu: tuple[float, float] = (1.30, 1.50)
+    ron_range_adu: tuple[float, float] = (1.25, 1.40)  # within the validator's 0.86..1.44 ADU
     ron_adu: float | None = Field(None, description="read noise (digitised std, ADU) for every quadrant")
     gain_range: tuple[float, float] = (3.10, 3.50)
     gain: float | None = Field(None, description="gain (e-/ADU) for every quadrant")

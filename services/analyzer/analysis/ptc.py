@@ -76,6 +76,8 @@ class PTCParams(BaseModel):
     max_mismatch: float = Field(0.10, description="reject pairs whose fluences differ by more than this fraction")
     ks_pmin: float = Field(0.01, description="reject pairs whose difference image fails the KS normality test below this p")
     ks_nsample: int = Field(20000, description="pixels drawn for the KS test")
+    max_sat_frac: float = Field(1e-4, description="pairs with a larger fraction of saturated pixels (ADC 65535 or a full-well "
+                                "plateau) are measured but not fitted")
     outlier_nsigma: float = Field(5.0, description="iterative outlier rejection of the PTC fits")
     turnoff_rel_drop: float = Field(0.005, description="relative drop of the binned variance that marks the turnoff")
     bloom_rel_drop: float = Field(0.02, description="relative variance deficit vs the model that marks blooming")
@@ -168,6 +170,15 @@ def _pair_counts(mask: np.ndarray, L: int, max_masked: int = 50000) -> np.ndarra
     return out
 
 
+def pileup_fraction(img: np.ndarray, ron: float) -> float:
+    """Fraction of pixels within 6 RON of the image maximum when that maximum is above half the
+    ADC scale (a full-well or ADC plateau); 0 otherwise (the maximum is then just the tail)."""
+    top = float(np.max(img))
+    if not top > 0.5 * FULL_SCALE:
+        return 0.0
+    return float(np.mean(img >= top - 6.0 * max(ron if np.isfinite(ron) else 0.0, 0.5)))
+
+
 def masked_covariances(img: np.ndarray, mask: np.ndarray, max_lag: int) -> tuple[np.ndarray, np.ndarray]:
     """Covariances of ``img`` over the pixels where ``mask`` is True, for lags 0..max_lag, by FFT
     (float64, zero-padded: no wrap-around). Returns ``(cov[i, j], npairs[i, j])`` with i the
@@ -239,9 +250,10 @@ def measure_pair(
     raw_sat = (
         np.asarray(q1[e : IMAGE_ROWS - e, PRESCAN_COLS + e : PRESCAN_COLS + IMAGE_COLS - e]) >= ADC_MAX
     ) | (np.asarray(q2[e : IMAGE_ROWS - e, PRESCAN_COLS + e : PRESCAN_COLS + IMAGE_COLS - e]) >= ADC_MAX)
-    sat_frac = float(raw_sat.mean())
     i1 = _image(q1, p.offset_method, e)
     i2 = _image(q2, p.offset_method, e)
+    ron = mad_std(region(q1, "pre", STANDARD_TRIMS["pre"])[::8])
+    sat_frac = max(float(raw_sat.mean()), pileup_fraction(i1, ron), pileup_fraction(i2, ron))
     s1 = clipped_stats(i1, p.mean_nsigma, maxiters=5, subsample=7)
     s2 = clipped_stats(i2, p.mean_nsigma, maxiters=5, subsample=7)
     mu1, mu2 = s1.mean, s2.mean
@@ -585,7 +597,8 @@ class PTCQuadResult(BaseModel):
     noise_ron_ratio: float = Field(description="PTC noise / overscan RON (e-)")
     noise_check_ok: bool
     n_pairs: int
-    n_rejected: int
+    n_rejected: int = Field(description="pairs rejected (fluence mismatch, non-Gaussian difference)")
+    n_saturated: int = Field(0, description="accepted pairs not fitted because of saturated pixels")
     n_fit: int
     fit_ok: bool
 
@@ -598,7 +611,7 @@ class PTCQuadAnalysis:
     pairs: list[PairMeasurement]
     exp: ExpFit
     full: FullCovFit | None
-    used: np.ndarray  # pairs accepted (not rejected), index into pairs
+    used: np.ndarray  # pairs entering the fits (not rejected, not saturated), index into pairs
 
 
 @dataclass
@@ -686,7 +699,7 @@ def find_bloom(mu, var, model, var_err, exptime, params: PTCParams) -> tuple[flo
 def fit_quadrant(pairs: list[PairMeasurement], frames: list[FrameQuadStats], params: PTCParams) -> PTCQuadAnalysis:
     """All fits of one quadrant from its pair measurements and frame stats."""
     p = params
-    used = np.array([not m.rejected for m in pairs], dtype=bool)
+    used = np.array([not m.rejected and m.sat_frac <= p.max_sat_frac for m in pairs], dtype=bool)
     mu = np.array([m.mu for m in pairs])
     var = np.array([m.var for m in pairs])
     err = np.array([m.var_err for m in pairs])
@@ -735,7 +748,8 @@ def fit_quadrant(pairs: list[PairMeasurement], frames: list[FrameQuadStats], par
         full_chi2_red=full.chi2_red if full else None,
         ron_ove_adu=ron, ron_ove_e=ron_e, noise_ron_ratio=ratio,
         noise_check_ok=bool(np.isfinite(ratio) and abs(ratio - 1.0) <= p.ron_tolerance),
-        n_pairs=len(pairs), n_rejected=int((~used).sum()), n_fit=int(kept_all.sum()),
+        n_pairs=len(pairs), n_rejected=int(sum(m.rejected for m in pairs)),
+        n_saturated=int(sum(m.sat_frac > p.max_sat_frac and not m.rejected for m in pairs)), n_fit=int(kept_all.sum()),
         fit_ok=bool(ex.success and np.isfinite(g)),
     )
     return PTCQuadAnalysis(result=res, pairs=pairs, exp=ex, full=full, used=used)
@@ -760,8 +774,8 @@ def analyse_ptc(frames: Iterable[Any], definition: Any = None, params: PTCParams
             if not r.fit_ok:
                 warn.append(f"{ccd} {q}: PTC fit failed")
             elif not r.noise_check_ok:
-                warn.append(f"{ccd} {q}: PTC noise {r.noise_e:.2f} e- differs from the overscan RON {r.ron_ove_e:.2f} e- by more than "
-                            f"{100 * p.ron_tolerance:.0f} %")
+                warn.append(f"{ccd} {q}: PTC noise {r.noise_e:.2f} +/- {r.noise_e_err:.2f} e- differs from the overscan RON "
+                            f"{r.ron_ove_e:.2f} e- by more than {100 * p.ron_tolerance:.0f} %")
             if r.n_rejected:
                 reasons = sorted({m.reason for m in qa.pairs if m.rejected})
                 warn.append(f"{ccd} {q}: {r.n_rejected} pair(s) rejected ({'; '.join(reasons)})")
@@ -788,8 +802,9 @@ def _draw_ptc(fig: Any, quads: dict[str, PTCQuadAnalysis], ccd: str) -> None:
         kept = np.zeros(len(qa.pairs), bool)
         kept[np.flatnonzero(qa.used)] = qa.exp.kept
         ax.plot(mu[kept], var[kept], "o", ms=3, label="fitted")
-        ax.plot(mu[~kept & qa.used], var[~kept & qa.used], "s", ms=3, mfc="none", label="not fitted")
-        ax.plot(mu[~qa.used], var[~qa.used], "x", ms=4, label="rejected")
+        rej = np.array([m.rejected for m in qa.pairs], dtype=bool)
+        ax.plot(mu[~kept & ~rej], var[~kept & ~rej], "s", ms=3, mfc="none", label="not fitted (outlier, turnoff, saturated)")
+        ax.plot(mu[rej], var[rej], "x", ms=4, label="rejected (mismatch, KS)")
         r = qa.result
         if np.isfinite(r.gain):
             grid = np.linspace(0, np.nanmax(mu) if mu.size else 1, 200)
