@@ -3,8 +3,10 @@
 Starts the stack on a temporary data folder against the configured broker (its own exchange and
 queue names, removed at the end, so it never disturbs another run), plays a short bias + flat
 sequence with ``vison sim --realtime --speedup``, prints each validated exposure as it arrives
-(ObsID, test, flags, latency, prescan offsets per CCD and quadrant), then stops everything
-cleanly. Exit code 0 when every simulated exposure was validated, 1 otherwise (2: no broker).
+(ObsID, test, flags, latency, prescan offsets per CCD and quadrant), then closes the bias test as
+an operator would (``test.close``) and prints the analyzer's BIAS01 result (read noise per CCD and
+quadrant, products folder), then stops everything cleanly. Exit code 0 when every simulated
+exposure was validated, 1 otherwise (2: no broker).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block", default="BORN", help="block name (BORN)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (data, state, logs)")
     parser.add_argument("--timeout", type=float, default=240.0, help="give up after this many seconds (240)")
+    parser.add_argument("--no-analysis", action="store_true", help="skip closing BIAS01 and waiting for its analysis")
 
 
 def _broker_ok(url: str) -> str | None:
@@ -62,6 +65,23 @@ def _row(ev: Any, latency: float | None) -> str:
     cells = " | ".join("/".join(f"{offs[ccd][q]:.0f}" for q in "EFGH") for ccd in ("CCD1", "CCD2", "CCD3") if ccd in offs)
     lat = f"{latency:5.2f} s" if latency is not None else "    - "
     return f"{ev.obsid:>5}  {ev.test:<8} {'PASS' if ev.passed else 'FAIL'}  {flags:<22} {lat}  {cells}"
+
+
+def _analysis_summary(ev: Any, products_root: Path) -> str:
+    """A few lines on an analysis.completed event: status, RON per CCD/quadrant, products."""
+    lines = [f"analysis.completed.{ev.test}.{ev.block}: {ev.status}, {len(ev.obsids)} exposures, "
+             f"flags {','.join(ev.flag_names) or '-'}"]
+    results = ev.results.get("results", ev.results)
+    for ccd in ("CCD1", "CCD2", "CCD3"):
+        quads = results.get(ccd) if isinstance(results, dict) else None
+        if isinstance(quads, dict):
+            cells = "  ".join(f"{q} {quads[q].get('ron_img_adu', float('nan')):.3f}" for q in "EFGH" if q in quads)
+            lines.append(f"  {ccd} image RON (ADU): {cells}")
+    if ev.products:
+        lines.append(f"  {len(ev.products)} products under {products_root / Path(ev.products[0]).parts[0]}/")
+    if ev.error:
+        lines.append(f"  error: {ev.error}")
+    return "\n".join(lines)
 
 
 def _cleanup_broker(settings, names: list[str]) -> None:
@@ -103,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     from services.tools.stack import Stack, available_services, free_port
     from shared.bus import Subscription, dead_queue_name, queue_name
     from shared.config import get_settings
-    from shared.events import ExposureValidated, ProcessingFailed, parse_event
+    from shared.bus import Publisher
+    from shared.events import AnalysisCompleted, ExposureValidated, ProcessingFailed, TestClose, parse_event
 
     base = get_settings()
     problem = _broker_ok(base.amqp_url)
@@ -138,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     validated: dict[int, Any] = {}
+    analyses: list[Any] = []
     failures: list[Any] = []
     latencies: list[float] = []
     sim = None
@@ -145,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"vison demo: {expected} exposures ({args.bias} bias + {args.flats} flats at 50 % full well), "
           f"acquisition sped up x{args.speedup:g}; services: {', '.join(names)}; folder {tmp}", flush=True)
     try:
-        with Subscription(settings, ["exposure.validated.#", "processing.failed.#"]) as sub:
+        with Subscription(settings, ["exposure.validated.#", "processing.failed.#", "analysis.completed.#"]) as sub:
             stack.start()
             sim_log = open(tmp / "logs" / "sim.log", "wb")
             sim = subprocess.Popen(
@@ -165,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
                             latencies.append(latency)
                         validated[ev.obsid] = ev
                         print(_row(ev, latency), flush=True)
+                    elif isinstance(ev, AnalysisCompleted):
+                        analyses.append(ev)
                     elif isinstance(ev, ProcessingFailed):
                         failures.append(ev)
                         print(f"{'':>5}  FAILED {ev.what} {ev.where}: {ev.why}", flush=True)
@@ -181,6 +205,22 @@ def run(args: argparse.Namespace) -> int:
                 if sim_done_at is not None and time.monotonic() - sim_done_at > 60:
                     break
             sim_log.close()
+            if validated and not args.no_analysis and "analyzer" in names and not interrupted["flag"]:
+                print(f"\noperator: test.close BIAS01 ({args.bias} frames) -> the analyzer runs BIAS01 ...", flush=True)
+                with Publisher(settings, service="demo") as publisher:
+                    publisher.publish(TestClose(test="BIAS01", block=args.block, operator="demo", reason="demo"))
+                deadline = time.monotonic() + 180
+                while not interrupted["flag"] and time.monotonic() < deadline and not analyses:
+                    for rk, _, body in sub.messages(timeout=0.5):
+                        ev = parse_event(body, rk)
+                        if isinstance(ev, AnalysisCompleted):
+                            analyses.append(ev)
+                        break
+                    stack.poll()
+                print(_analysis_summary(analyses[0], tmp / "products") if analyses
+                      else "no analysis.completed within 180 s (see the analyzer log)", flush=True)
+                if analyses and not args.keep:
+                    print("  (the demo folder is removed at the end: run with --keep to browse the products)")
     finally:
         if sim is not None and sim.poll() is None:
             sim.send_signal(signal.SIGINT)
