@@ -3,7 +3,8 @@ beside the time to only read those frames, and the analyzer's throughput with 1 
 processes (the real service on the broker: ``vison analyzer --workers N``, K test runs enqueued
 at once, analyses per hour).
 
-Run: ``.venv/bin/python bench/analysis.py [--tests BIAS01] [--jobs 2] [--workers 1,2] [--data DIR]``.
+Run: ``.venv/bin/python bench/analysis.py [--tests BIAS01,PTC01] [--jobs 2] [--workers 1,2] [--data DIR]``
+(``--workers 0``: analysis time only, no throughput runs; PTC01 simulates 92 x 3 frames, 3.3 GB).
 Without a broker the throughput is measured with a plain process pool (said so in the output).
 
 Add a test: one entry in ``CASES`` (simulator arguments and the expected exposures).
@@ -42,6 +43,8 @@ class Case:
 
 CASES: dict[str, Case] = {
     "BIAS01": Case("BIAS01", ["--test", "BIAS01", "--frames", "10"], expected=10),
+    # PTC01 at its nominal volume: 92 exposures (11 fluences, 10 or 4 frames each), 800 nm
+    "PTC01": Case("PTC01", ["--campaign", "full", "--tests", "PTC01"], expected=92),
 }
 
 
@@ -198,7 +201,7 @@ def main() -> None:
             shutil.rmtree(root / "products_single", ignore_errors=True)
             how = "service on the broker" if use_service else "process pool (no broker)"
             base = None
-            for w in [int(x) for x in args.workers.split(",") if x.strip()]:
+            for w in [int(x) for x in args.workers.split(",") if x.strip() and int(x) > 0]:
                 wall = (throughput_service(case, data, frames, w, args.jobs, root) if use_service
                         else throughput_pool(case, frames, w, args.jobs, root))
                 rate = args.jobs / wall * 3600

@@ -747,12 +747,22 @@ def fit_quadrant(pairs: list[PairMeasurement], frames: list[FrameQuadStats], par
         a01_full=float(full.a[0, 1]) if full and full.a.shape[0] > 1 else None,
         full_chi2_red=full.chi2_red if full else None,
         ron_ove_adu=ron, ron_ove_e=ron_e, noise_ron_ratio=ratio,
-        noise_check_ok=bool(np.isfinite(ratio) and abs(ratio - 1.0) <= p.ron_tolerance),
+        noise_check_ok=_noise_agrees(noise_e, noise_err, ron_e, p.ron_tolerance),
         n_pairs=len(pairs), n_rejected=int(sum(m.rejected for m in pairs)),
         n_saturated=int(sum(m.sat_frac > p.max_sat_frac and not m.rejected for m in pairs)), n_fit=int(kept_all.sum()),
         fit_ok=bool(ex.success and np.isfinite(g)),
     )
     return PTCQuadAnalysis(result=res, pairs=pairs, exp=ex, full=full, used=used)
+
+
+def _noise_agrees(noise_e: float, noise_err: float, ron_e: float, tolerance: float) -> bool:
+    """PTC noise vs overscan RON (e-): agreement within ``tolerance`` (relative), or a difference
+    that the PTC intercept cannot resolve (under 2 sigma of its error: the intercept of a PTC fit
+    is poorly constrained, so only a significant disagreement is worth a warning)."""
+    if not (np.isfinite(noise_e) and np.isfinite(ron_e) and ron_e > 0):
+        return False
+    diff = abs(noise_e - ron_e)
+    return bool(diff <= tolerance * ron_e or (np.isfinite(noise_err) and diff <= 2.0 * noise_err))
 
 
 def analyse_ptc(frames: Iterable[Any], definition: Any = None, params: PTCParams | dict | None = None,
@@ -775,7 +785,7 @@ def analyse_ptc(frames: Iterable[Any], definition: Any = None, params: PTCParams
                 warn.append(f"{ccd} {q}: PTC fit failed")
             elif not r.noise_check_ok:
                 warn.append(f"{ccd} {q}: PTC noise {r.noise_e:.2f} +/- {r.noise_e_err:.2f} e- differs from the overscan RON "
-                            f"{r.ron_ove_e:.2f} e- by more than {100 * p.ron_tolerance:.0f} %")
+                            f"{r.ron_ove_e:.2f} e- by more than {100 * p.ron_tolerance:.0f} % and 2 sigma")
             if r.n_rejected:
                 reasons = sorted({m.reason for m in qa.pairs if m.rejected})
                 warn.append(f"{ccd} {q}: {r.n_rejected} pair(s) rejected ({'; '.join(reasons)})")
