@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import Any
 
 #: name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -28,6 +29,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "scriptgen": ("services.scriptgen.main", "write acquisition scripts for a campaign (or run as a service)"),
     "grafana": ("services.tools.grafana", "publish the Grafana dashboards to a running Grafana"),
 }
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """argparse type of ``KEY=VALUE`` options: the value read as YAML (numbers, lists, strings)."""
+    import yaml
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value) if value.strip() else ""
 
 
 def _top_parser() -> argparse.ArgumentParser:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import logging
 import random
 import signal
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ import pika
 import pika.exceptions as pex
 
 from shared.config import Settings, get_settings
+from shared.statedb import open_state_db
 from shared.events import Event, EventError, ProcessingFailed, event_body, kind_of, parse_event
 from shared.metrics import (
     DEAD_LETTERED,
@@ -280,14 +280,10 @@ class SeenStore:
     """Event ids already handled by a service (SQLite in the state dir): idempotent consumers."""
 
     def __init__(self, path: str | Path):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS seen (event_id TEXT PRIMARY KEY, kind TEXT, seen_at REAL)")
-        self._db.commit()
+        self.path = Path(path)
+        self._db = open_state_db(
+            self.path, "CREATE TABLE IF NOT EXISTS seen (event_id TEXT PRIMARY KEY, kind TEXT, seen_at REAL);", "NORMAL"
+        )
         self._lock = threading.Lock()
 
     def __contains__(self, event_id: object) -> bool:

@@ -13,26 +13,18 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
-import yaml
 
 from services.analyzer import registry
 from services.analyzer.definitions import Plan, default_plan, load_definition, plans_from_definition
 from services.analyzer.model import split_test_name
 from services.analyzer.runner import AnalysisFailed, DataError, run_analysis
 from services.analyzer.selection import select_test
+from services.cli import key_value
 from shared.config import get_settings
 from shared.flags import flag_names
 
 EXIT_USAGE, EXIT_DATA, EXIT_FAILED = 2, 3, 4
-
-
-def _param(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value) if value.strip() else ""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expected", type=int, default=None, help="expected exposures (default: campaign file or catalogue)")
     parser.add_argument("--campaign", type=Path, default=None, help="campaign configuration or definition (YAML/JSON) "
                         "giving the expected frames")
-    parser.add_argument("--param", action="append", type=_param, default=[], metavar="KEY=VALUE",
+    parser.add_argument("--param", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                         help="analysis parameter (repeatable), e.g. nsigma=5")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     parser.add_argument("--no-verify", action="store_true", help="do not checksum the input files")

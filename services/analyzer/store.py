@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+
+from shared.statedb import open_state_db
 import threading
 import time
 from pathlib import Path
@@ -60,12 +62,8 @@ class AnalyzerStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False, isolation_level=None)
+        self._db = open_state_db(self.path, _SCHEMA, isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
         self._lock = threading.RLock()
 
     @classmethod

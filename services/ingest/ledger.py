@@ -7,30 +7,28 @@ daily HK file already published)."""
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from pathlib import Path
 
+from shared.statedb import open_state_db
+
 
 class Ledger:
+    """What ingest has published or reported (see the module docstring for the tables)."""
+
     def __init__(self, path: str | Path):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(
+        self.path = Path(path)
+        self._db = open_state_db(
+            self.path,
             """
             CREATE TABLE IF NOT EXISTS exposures (block TEXT, obsid INTEGER, status TEXT, event_id TEXT, at REAL,
                                                   PRIMARY KEY (block, obsid));
             CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime REAL, sha256 TEXT);
             CREATE TABLE IF NOT EXISTS reported (key TEXT PRIMARY KEY, at REAL);
             CREATE TABLE IF NOT EXISTS hk_progress (path TEXT PRIMARY KEY, rows INTEGER);
-            """
+            """,
         )
-        self._db.commit()
         self._lock = threading.Lock()
         self._published = {(b, o) for b, o in self._db.execute("SELECT block, obsid FROM exposures WHERE status = 'published'")}
 

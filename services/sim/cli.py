@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from services.cli import key_value
 from services.sim.frames import FrameSpec, SequenceSpec, default_equipment, duration_s, expand_sequences, frame_kind
 from services.sim.hk import parse_hk_injection
 from services.sim.physics import PhysicsConfig
@@ -47,13 +48,6 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _keyvalue(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value) if value.strip() else ""
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
@@ -78,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     seq.add_argument("--wave", type=int, default=None, help="filter-wheel position 1..6 (4 = 800 nm)")
     seq.add_argument("--kind", choices=["bias", "dark", "flat", "point", "chinj"], default=None,
                      help="physics of the frames (default: from the register values)")
-    seq.add_argument("--set", type=_keyvalue, action="append", default=[], metavar="KEY=VALUE",
+    seq.add_argument("--set", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                      help="any script register value, e.g. --set vend=2066 --set source=point")
     seq.add_argument("--spec", type=Path, default=None, help="YAML file: options and a list of sequences")
     seq.add_argument("--tests", default=None, help="catalogue tests at nominal parameters, comma separated (e.g. BIAS01,FLAT01); "

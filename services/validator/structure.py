@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 from shared.flags import Flag
+from shared.statedb import open_state_db
 
 log = logging.getLogger("vison.validator.structure")
 
@@ -24,19 +24,15 @@ class ValidatorStore:
     """SQLite in the state dir: latest campaign definition per block, rows validated per test."""
 
     def __init__(self, path: str | Path):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(
+        self._db = open_state_db(
+            path,
             """
             CREATE TABLE IF NOT EXISTS campaigns (block TEXT PRIMARY KEY, definition TEXT, received_at REAL);
             CREATE TABLE IF NOT EXISTS history (block TEXT, test TEXT, ccd INTEGER, obsid INTEGER, row TEXT,
                                                 PRIMARY KEY (block, test, ccd, obsid));
             CREATE TABLE IF NOT EXISTS current_test (block TEXT PRIMARY KEY, test TEXT, obsid INTEGER);
-            """
+            """,
         )
-        self._db.commit()
         self._lock = threading.Lock()
 
     def save_campaign(self, block: str, definition: Mapping[str, Any]) -> None:
