@@ -32,7 +32,7 @@ from typing import Any
 
 from services.ingest.hkmon import HKMonitor
 from services.ingest.ledger import Ledger
-from services.validator.checks import sha256_file
+from shared.checksum import sha256_file
 from shared.bus import Publisher
 from shared.config import Settings
 from shared.events import ExposureIngested, FileRef, ProcessingFailed, derived_event_id

@@ -7,9 +7,7 @@ Compliance leaves are ``{passed, value, lo, hi}``; a leaf fails when the value i
 
 from __future__ import annotations
 
-import hashlib
 import math
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -83,18 +81,6 @@ def frame_stats(data: np.ndarray, vstart: int = 0, vend: int = 2086, integer: bo
     """:func:`quadrant_stats` of the four quadrants of a frame, keyed E, F, G, H."""
     geometry = Geometry.from_shape(data.shape)
     return {q: quadrant_stats(quadrant(data, q, geometry), vstart, vend, integer) for q in QUADRANTS}
-
-
-def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
-    """Hex SHA-256 of a file (reads in 8 MiB chunks; hashlib releases the GIL)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 def _number(value: Any, default: float = 0.0) -> float:
@@ -232,5 +218,4 @@ __all__ = [
     "leaf",
     "quadrant_stats",
     "readout_rows",
-    "sha256_file",
 ]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from services.validator.checks import frame_stats, sha256_file
+from services.validator.checks import frame_stats
+from shared.checksum import sha256_file
 from shared.fitsio import FrameError, read_frame
 
 
