@@ -9,7 +9,6 @@ A failing analysis raises :class:`AnalysisFailed`, which can write a ``results.j
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -21,8 +20,10 @@ from typing import Any
 import numpy as np
 
 from services.analyzer import registry
+from services.analyzer.analysis.common import params_of
 from services.analyzer.model import FrameMeta, TestData, run_label, split_test_name
 from services.analyzer.products import ProductWriter, jsonable, utc_now
+from shared.checksum import sha256_file
 from shared.fitsio import FrameError, read_frame
 from shared.flags import Flag, flag_names
 
@@ -72,17 +73,6 @@ class RunResult:
     duration_s: float
     flags: int
     warnings: list[str] = field(default_factory=list)
-
-
-def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 def products_dir(root: str | Path, block: str, label: str) -> Path:
@@ -226,7 +216,7 @@ def run_analysis(
     resolved = dict(params or {})
     model = getattr(module, "PARAMS", None)  # optional: the plug-in's parameter model
     if model is not None:
-        resolved = {**model(**{k: v for k, v in resolved.items() if k in model.model_fields}).model_dump(mode="json"), **resolved}
+        resolved = {**params_of(model, resolved).model_dump(mode="json"), **resolved}
     provenance = {
         "block": block, "test": base, "repeat": repeat, "label": label, "obsids": obsids,
         "obsid_range": [obsids[0], obsids[-1]], "inputs": inputs, "calibrations": calib_used,

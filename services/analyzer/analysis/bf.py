@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 from scipy.special import erf
 
-from services.analyzer.analysis.common import as_frames
+from services.analyzer.analysis.common import as_frames, params_of
 from services.analyzer.analysis.ptc import PairMeasurement, PTCParams, fit_quadrant, measure_all_pairs
 from shared.geometry import QUADRANTS
 
@@ -233,9 +233,9 @@ def spot_broadening(a: np.ndarray, gain: float, params: BFParams) -> dict[str, f
 def analyse_bf(frames: Iterable[Any], definition: Any = None, params: BFParams | dict | None = None,
                quadrants: Sequence[str] = QUADRANTS) -> BFAnalysis:
     """BF01 analysis of PTC flats (all CCDs mixed; :class:`~common.FrameInput` or dicts)."""
-    p = params if isinstance(params, BFParams) else BFParams(**{k: v for k, v in (params or {}).items() if k in BFParams.model_fields})
+    p = params_of(BFParams, params)
     ptc_kw = {**p.ptc, "max_lag": p.max_lag, "fit_lag": p.max_lag, "full_fit": True}
-    pp = PTCParams(**{k: v for k, v in ptc_kw.items() if k in PTCParams.model_fields})
+    pp = params_of(PTCParams, ptc_kw)
     fr = as_frames(frames)
     pairs, fstats = measure_all_pairs(fr, pp, quadrants)
     out: dict[str, dict[str, BFQuadAnalysis]] = {}
@@ -308,7 +308,7 @@ def run_test(data: Any, sink: Any) -> Any:
     raw = dict(data.params)
     ptc_keys = set(PTCParams.model_fields) - {"max_lag", "fit_lag"}
     raw.setdefault("ptc", {k: v for k, v in data.params.items() if k in ptc_keys})
-    p = BFParams(**{k: v for k, v in raw.items() if k in BFParams.model_fields})
+    p = params_of(BFParams, raw)
     an = analyse_bf(frame_inputs(data), params=p)
     if not an.quads:
         raise ValueError(f"{data.label}: no pairs of flats at equal exposure time")

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 from pydantic import BaseModel, Field
 
-from services.analyzer.analysis.common import clipped_stats, fit_smooth_2d, mad_std, subtract_offset
+from services.analyzer.analysis.common import clipped_stats, fit_smooth_2d, mad_std, params_of, subtract_offset
 from services.analyzer.analysis.dark import reference_offset
 from services.analyzer.model import (
     AnalysisOutput,
@@ -315,7 +315,7 @@ def _with_electrons(values: dict[str, Any], gain: float | None) -> BiasQuadResul
 
 def run_test(data: TestData, sink: ProductSink) -> AnalysisOutput:
     """BIAS01 / BIAS02 analysis of a whole test: per-CCD products to ``sink``, results out."""
-    params = BiasParams(**{k: v for k, v in data.params.items() if k in BiasParams.model_fields})
+    params = params_of(BiasParams, data.params)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     frame_rows: list[dict[str, Any]] = []
     flags = Flag(0)

@@ -22,12 +22,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, TypeVar
 
 import numpy as np
 from scipy import optimize, special
 
+from pydantic import BaseModel
+
 from shared.geometry import IMAGE_COLS, IMAGE_ROWS, PRESCAN_COLS, STANDARD_TRIMS, region
+
+P = TypeVar("P", bound=BaseModel)
 
 OffsetMethod = Literal["row", "global", "mean", "none"]
 OffsetRegion = Literal["pre", "ove"]
@@ -71,6 +75,14 @@ class FrameInput:
         if isinstance(self.time, datetime):
             return self.time.timestamp()
         return float(self.time)
+
+
+def params_of(model: type[P], params: P | Mapping[str, Any] | None) -> P:
+    """An analysis' parameters as its pydantic ``model``: an instance as is, else the model built
+    from the keys of ``params`` it knows (others, e.g. campaign parameters, are ignored)."""
+    if isinstance(params, model):
+        return params
+    return model(**{k: v for k, v in (params or {}).items() if k in model.model_fields})
 
 
 def ccd_label(ccd: int | str) -> str:

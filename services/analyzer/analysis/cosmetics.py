@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from services.analyzer.analysis.common import fit_smooth_2d
+from services.analyzer.analysis.common import fit_smooth_2d, params_of
 from services.analyzer.analysis.dark import (
     DEFECT_COLD,
     DEFECT_COLUMN,
@@ -82,7 +82,7 @@ def split_frames(metas: list[FrameMeta]) -> tuple[list[FrameMeta], list[FrameMet
 
 def run_test(data: TestData, sink: ProductSink) -> AnalysisOutput:
     """COSMETICS00 analysis: defect masks per CCD to ``sink``, defect counts out."""
-    p = CosmeticsParams(**{k: v for k, v in data.params.items() if k in CosmeticsParams.model_fields})
+    p = params_of(CosmeticsParams, data.params)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     frame_rows: list[dict[str, Any]] = []
     flags = Flag(0)

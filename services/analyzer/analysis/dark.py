@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 from pydantic import BaseModel, Field
 
-from services.analyzer.analysis.common import clipped_stats, fit_smooth_2d
+from services.analyzer.analysis.common import clipped_stats, fit_smooth_2d, params_of
 from services.analyzer.model import (
     AnalysisOutput,
     FigureProduct,
@@ -237,7 +237,7 @@ def bias_structure(calib: dict[str, Any], ccd: str, q: str) -> float | None:
 
 def run_test(data: TestData, sink: ProductSink) -> AnalysisOutput:
     """DARK01 analysis of a whole test: master darks, masks and tables to ``sink``, results out."""
-    params = DarkParams(**{k: v for k, v in data.params.items() if k in DarkParams.model_fields})
+    params = params_of(DarkParams, data.params)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     frame_rows: list[dict[str, Any]] = []
     flags = Flag(0)

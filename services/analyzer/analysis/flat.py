@@ -37,6 +37,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from services.analyzer.analysis.common import (
+    params_of,
     FrameInput,
     as_frames,
     clipped_stats,
@@ -382,7 +383,7 @@ def figure_data(masters: dict[str, dict[str, dict[str, np.ndarray]]], bins: int 
 def analyse_flat(frames: Iterable[Any], definition: Any = None, params: FlatParams | dict | None = None,
                  quadrants: Sequence[str] = QUADRANTS) -> FlatAnalysis:
     """FLAT01 / FLAT02 analysis of a list of flats (all CCDs mixed; :class:`FrameInput` or dicts)."""
-    p = params if isinstance(params, FlatParams) else FlatParams(**{k: v for k, v in (params or {}).items() if k in FlatParams.model_fields})
+    p = params_of(FlatParams, params)
     fr = as_frames(frames)
     results: dict[str, dict[str, FlatQuadResult]] = {}
     columns: dict[str, dict[str, list[FlatColumnQuad]]] = {}
@@ -453,7 +454,7 @@ def run_test(data: Any, sink: Any) -> Any:
     raw = dict(data.params)
     if raw.get("gain") is None and getattr(data, "calib", {}).get("gain"):
         raw["gain"] = data.calib["gain"]
-    p = FlatParams(**{k: v for k, v in raw.items() if k in FlatParams.model_fields})
+    p = params_of(FlatParams, raw)
     frames = frame_inputs(data)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     columns: dict[str, dict[str, list[FlatColumnQuad]]] = {}

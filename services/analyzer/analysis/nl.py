@@ -33,7 +33,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 from scipy import optimize
 
-from services.analyzer.analysis.common import FrameInput, as_frames, clipped_stats, group_by, mad_std, row_offsets
+from services.analyzer.analysis.common import FrameInput, as_frames, clipped_stats, group_by, mad_std, params_of, row_offsets
 from shared.geometry import IMAGE_COLS, IMAGE_ROWS, PRESCAN_COLS, QUADRANTS, STANDARD_TRIMS, region
 
 TESTS = ("NL01", "NL02")
@@ -301,7 +301,7 @@ def analyse_nl(frames: Iterable[Any], definition: Any = None, params: NLParams |
                quadrants: Sequence[str] = QUADRANTS) -> NLAnalysis:
     """NL01 / NL02 analysis of a list of frames (all CCDs mixed; :class:`FrameInput` or dicts;
     ``meta["role"]`` may mark ``stability`` / ``background`` frames)."""
-    p = params if isinstance(params, NLParams) else NLParams(**{k: v for k, v in (params or {}).items() if k in NLParams.model_fields})
+    p = params_of(NLParams, params)
     fr = as_frames(frames)
     out: dict[str, dict[str, NLQuadAnalysis]] = {}
     warn: list[str] = []
@@ -367,7 +367,7 @@ def run_test(data: Any, sink: Any) -> Any:
     from services.analyzer.model import AnalysisOutput, FigureProduct, TableProduct
     from shared.flags import Flag
 
-    p = NLParams(**{k: v for k, v in data.params.items() if k in NLParams.model_fields})
+    p = params_of(NLParams, data.params)
     an = analyse_nl(frame_inputs(data), params=p)
     flags = Flag(0)
     rows = [fr.model_dump() for qs in an.quads.values() for qa in qs.values() for fr in qa.frames]

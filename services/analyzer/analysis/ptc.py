@@ -47,6 +47,7 @@ from scipy import fft as sfft
 from scipy import optimize, stats
 
 from services.analyzer.analysis.common import (
+    params_of,
     FrameInput,
     as_frames,
     clip_mask,
@@ -769,7 +770,7 @@ def analyse_ptc(frames: Iterable[Any], definition: Any = None, params: PTCParams
                 quadrants: Sequence[str] = QUADRANTS) -> PTCAnalysis:
     """PTC01 / PTC02 analysis of a list of flats (:class:`FrameInput` or equivalent dicts; all
     CCDs mixed). ``definition`` is accepted for the common signature and not needed."""
-    p = params if isinstance(params, PTCParams) else PTCParams(**{k: v for k, v in (params or {}).items() if k in PTCParams.model_fields})
+    p = params_of(PTCParams, params)
     fr = as_frames(frames)
     pairs, fstats = measure_all_pairs(fr, p, quadrants)
     out: dict[str, dict[str, PTCQuadAnalysis]] = {}
@@ -838,7 +839,7 @@ def run_test(data: Any, sink: Any) -> Any:
     from services.analyzer.model import AnalysisOutput, FigureProduct, TableProduct
     from shared.flags import Flag
 
-    params = PTCParams(**{k: v for k, v in data.params.items() if k in PTCParams.model_fields})
+    params = params_of(PTCParams, data.params)
     an = analyse_ptc(frame_inputs(data), params=params)
     if not an.quads:
         raise ValueError(f"{data.label}: no pairs of flats at equal exposure time")
