@@ -235,6 +235,9 @@ class AnalysisOutput:
     test_values: dict[str, Any] = field(default_factory=dict)
     parameters: dict[str, Any] = field(default_factory=dict)
     summary: list[str] = field(default_factory=list)
+    #: Calibrations this result provides to other tests (engine v2): ``{name: {"values": {...},
+    #: "files": {CCD or "ALL": product file name in this run's products folder}}}``.
+    provides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def iter_quadrant_results(results: dict[str, dict[str, dict[str, Any]]]) -> Iterable[tuple[str, str, dict[str, Any]]]:
