@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from services.validator.checks import all_passed, assess_hk, assess_image, failed_leaves
+from services.validator.specific import assess_test_specific
 from services.validator.structure import ValidatorStore, check_exposure_structure, finish_test_structure
 from services.validator.worker import process_ccd
 from shared.bus import Delivery
@@ -41,7 +42,7 @@ from shared.metrics import (
     QUADRANT_OFFSET,
     VALIDATION_LATENCY,
 )
-from shared.refdata import block_offsets, elvis_formats
+from shared.refdata import block_offsets, chamber_profile, elvis_formats
 
 log = logging.getLogger("vison.validator")
 
@@ -79,6 +80,7 @@ class Validator:
         self.store = ValidatorStore(Path(settings.state_dir) / "validator.sqlite")
         self.pool = make_pool(pool, workers)
         self.hk_keys = list(elvis_formats()["validator_hk_keys"])
+        self.chamber = _chamber(settings.chamber)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -164,6 +166,11 @@ class Validator:
         image_tree, flags = assess_image(ev.test, block_offsets(ev.block), stats, rows_by_ccd)
         compliance: dict[str, Any] = dict(image_tree)
         notes: list[str] = []
+        specific_tree, specific_flags, specific_notes = assess_test_specific(ev.test, stats, rows_by_ccd, self.chamber)
+        if specific_tree:
+            compliance["test"] = specific_tree
+        flags |= specific_flags
+        notes += specific_notes
 
         hk_tree, hk_flags, hk_note = self._hk(ev, rows)
         if hk_tree:
@@ -257,6 +264,16 @@ class Validator:
         latency = (datetime.now(timezone.utc) - out.complete_at).total_seconds()
         VALIDATION_LATENCY.observe(max(latency, 0.0))
         return latency
+
+
+def _chamber(name: str) -> dict[str, Any]:
+    """The chamber (OGSE) profile of ``VISON_CHAMBER`` (exposure times to full well), {} when
+    unknown (the fluence checks then say so in each verdict's notes)."""
+    try:
+        return dict(chamber_profile(name))
+    except Exception as exc:
+        log.error("VISON_CHAMBER=%s: no such chamber profile (%s); test-specific fluence checks disabled", name, exc)
+        return {}
 
 
 def _num(value: Any, default: float) -> float:
