@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chamber", default=None, help="chamber (OGSE) profile (default: VISON_CHAMBER setting)")
     parser.add_argument("--start", default=None, help="simulated clock of the first frame, ISO (default: now)")
     parser.add_argument("--obsid-start", type=int, default=None, help="first ObsID (default: after the last one in --out)")
+    parser.add_argument("--results-only", action="store_true",
+                        help="write no frames: plausible results.json of --blocks blocks (<out>/<block>/<test>/), for the FPA demo")
+    parser.add_argument("--blocks", type=int, default=12, help="with --results-only: number of blocks (FPA order, then spares; 12)")
 
     seq = parser.add_argument_group("a simple sequence")
     seq.add_argument("--test", default=None, help="test name written in the exposure log (e.g. BIAS01)")
@@ -97,6 +100,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--json", action="store_true", help="print a JSON summary")
 
     phys = parser.add_argument_group("physics (truth recorded in truth.json)")
+    phys.add_argument("--physics", choices=("legacy", "realistic"), default=None,
+                      help="effect profile: legacy (default; the models the analyses fit) or realistic (boundary-shift "
+                           "brighter-fatter, roll-off NL, non-linear drift, shutter offset, flux jitter, CTI, bias "
+                           "structure, row noise, ADC DNL, dark during readout, illumination ripple, cosmic rays); "
+                           "the other options override single values")
     phys.add_argument("--ron", type=float, default=None, help="read noise, ADU (default: 1.25-1.40 per quadrant)")
     phys.add_argument("--gain", type=float, default=None, help="gain, e-/ADU (default: 3.1-3.5 per quadrant)")
     phys.add_argument("--offset-scatter", type=float, default=None, help="offset delta around the block reference, +/- ADU (3)")
@@ -138,7 +146,9 @@ def build(args: argparse.Namespace) -> tuple[SimOptions, PhysicsConfig, list[Fra
         if len(args.gradient) != 2:
             raise ValueError("--gradient needs GX,GY")
         physics_data["illum_gradient"] = tuple(args.gradient)
-    physics = PhysicsConfig(**physics_data)
+    profile = args.physics or physics_data.pop("profile", None) or "legacy"
+    physics_data.pop("profile", None)
+    physics = PhysicsConfig.realistic(**physics_data) if profile == "realistic" else PhysicsConfig(**physics_data)
 
     campaign = args.campaign or spec.get("campaign")
     equipment: dict[str, Any] = {}
@@ -222,6 +232,10 @@ def _dry_run(options: SimOptions, frames: list[FrameSpec]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.results_only:
+        from services.sim.results import run_results_only
+
+        return run_results_only(args.out, args.blocks, args.seed, args.tests)
     try:
         options, physics, frames, sequence = build(args)
     except ValidationError as exc:

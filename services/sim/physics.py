@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy.special import erf
 
 from shared.geometry import CCDS, IMAGE_COLS, IMAGE_ROWS, PRESCAN_COLS, QUADRANTS, Geometry
+from services.sim import effects
 from shared.refdata import block_offsets
 
 ADC_MAX = 65535
@@ -90,6 +91,41 @@ class PhysicsConfig(BaseModel):
     point_halo_fraction: float = Field(0.6, ge=0, lt=1, description="fraction of a spot's flux in a wide Gaussian halo (optical wings)")
     point_halo_scale: float = Field(5.0, ge=1, description="halo FWHM / core FWHM")
     defocus_px_per_mm: float = Field(4.0, gt=0, description="diameter (px) of the defocused pupil disk per mm of mirror defocus")
+    # --- effects physically different from the analyses' models (services/sim/effects.py); the
+    # defaults keep the legacy behaviour, PhysicsConfig.realistic() turns them all on
+    bf_model: Literal["kernel", "boundary"] = Field("kernel", description="brighter-fatter: 'kernel' (legacy: the exponential PTC "
+                                                    "imposed on the variance) or 'boundary' (charge-dependent pixel-boundary shifts)")
+    bf_steps: int = Field(2, ge=1, description="deposition steps of the boundary-shift model (midpoint scheme)")
+    nl_model: Literal["quadratic", "rolloff"] = Field("quadratic", description="non-linearity: 'quadratic' S(1 + beta S) or "
+                                                      "'rolloff' S_r tanh(S / S_r) (-|nl_pct| % at nl_at_fraction)")
+    drift_wobble_pct: float = Field(0.0, description="sinusoidal source drift amplitude (%) on top of the linear drift")
+    drift_wobble_period_h: float = Field(2.0, gt=0, description="period (h) of the sinusoidal drift")
+    shutter_offset_s: float = Field(0.0, description="shutter timing offset: a shutter-open frame is lit exptime + offset (s)")
+    flux_jitter_pct: float = Field(0.0, ge=0, description="frame-to-frame flux jitter (rms %) of the flat source")
+    cti_parallel: float = Field(0.0, ge=0, description="parallel CTI per transfer (fraction deferred into the next row)")
+    cti_serial: float = Field(0.0, ge=0, description="serial CTI per transfer (fraction deferred into the next column)")
+    bias_fixed_rms_adu: float = Field(0.0, ge=0, description="fixed bias pattern: column offsets rms (ADU), same in every frame")
+    bias_ramp_adu: float = Field(0.0, description="fixed bias pattern: decaying ramp along the rows (ADU at row 0)")
+    row_noise_adu: float = Field(0.0, ge=0, description="row noise: an offset per row and frame, rms (ADU)")
+    adc_dnl_rms: float = Field(0.0, ge=0, description="ADC differential non-linearity: rms of the code widths (LSB)")
+    dark_during_readout: bool = Field(False, description="dark current also collected during the readout (later rows see more)")
+    illum_ripple_pct: float = Field(0.0, ge=0, description="illumination ripple amplitude (%)")
+    illum_ripple_period_px: float = Field(300.0, gt=0, description="illumination ripple period (px)")
+
+    @classmethod
+    def realistic(cls, **overrides: Any) -> "PhysicsConfig":
+        """Every effect on at a realistic level (issue 11): boundary-shift brighter-fatter, a
+        roll-off non-linearity of 1 % at 90 % of 2^16 ADU, a non-linear drift, a 30 ms shutter
+        offset, flux jitter, CTI, bias structure, row noise, ADC DNL, dark during readout, an
+        illumination ripple, cosmic rays, and full wells on both sides of the ADC ceiling."""
+        values: dict[str, Any] = dict(
+            bf_model="boundary", nl_model="rolloff", nl_pct=1.0, drift_pct_per_hour=0.2, drift_wobble_pct=0.3,
+            shutter_offset_s=0.03, flux_jitter_pct=0.1, cti_parallel=2e-6, cti_serial=4e-7, bias_fixed_rms_adu=0.3,
+            bias_ramp_adu=1.5, row_noise_adu=0.3, adc_dnl_rms=0.05, dark_during_readout=True, illum_ripple_pct=1.0,
+            cosmic_rate=0.02, full_well_range_e=(195_000.0, 235_000.0), ron_range_adu=(1.2, 1.32),
+        )
+        values.update(overrides)
+        return cls(**values)
 
 
 class BFTruth(BaseModel):
@@ -123,6 +159,11 @@ class QuadrantTruth(BaseModel):
     prnu_pct: float
     nl: NLTruth
     bf: BFTruth
+    rolloff_adu: float | None = Field(None, description="roll-off scale S_r (ADU) when nl_model is 'rolloff'")
+    row_noise_adu: float = Field(0.0, description="rms of the per-row offset noise (ADU); the temporal noise of a pixel is sqrt(ron^2 + row^2)")
+    her_expected: float = Field(0.0, description="hard-edge response of the serial CTI at the image -> overscan edge")
+    saturation_first: Literal["full_well", "adc"] = Field("full_well", description="which limit a bright flat reaches first")
+    adc_limit_adu: float = Field(0.0, description="offset-subtracted signal (ADU) at which the 16-bit ADC clips")
 
 
 class HotPixel(BaseModel):
@@ -520,6 +561,7 @@ class DetectorModel:
         self.truth: dict[str, CCDTruth] = self._draw_truth()
         self._response: dict[tuple[str, str], np.ndarray] = {}
         self._dark: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._fixed: dict[tuple, np.ndarray] = {}  # bias structure, ADC code tables (fixed per quadrant)
 
     # -- random streams -------------------------------------------------------------------
     def rng(self, *key: int | str) -> np.random.Generator:
@@ -552,8 +594,15 @@ class DetectorModel:
                     full_well_e=round(float(fw), 1),
                     full_well_adu=float(round(fw, 1) / round(gain, 4)),
                     prnu_pct=cfg.prnu_pct,
-                    nl=NLTruth(beta_per_adu=beta, beta_per_e=beta / round(float(gain), 4), pct=cfg.nl_pct, at_adu=at_adu),
+                    nl=NLTruth(beta_per_adu=beta if cfg.nl_model == "quadratic" else 0.0,
+                               beta_per_e=(beta if cfg.nl_model == "quadratic" else 0.0) / round(float(gain), 4),
+                               pct=cfg.nl_pct if cfg.nl_model == "quadratic" else -abs(cfg.nl_pct), at_adu=at_adu),
                     bf=bf,
+                    rolloff_adu=effects.rolloff_for(cfg.nl_pct, at_adu) if cfg.nl_model == "rolloff" and cfg.nl_pct else None,
+                    row_noise_adu=cfg.row_noise_adu,
+                    her_expected=cfg.cti_serial * (PRESCAN_COLS + IMAGE_COLS),
+                    saturation_first="full_well" if round(fw, 1) / round(gain, 4) < ADC_MAX - offset else "adc",
+                    adc_limit_adu=float(ADC_MAX - offset),
                 )
             hot = []
             for _ in range(cfg.hot_pixels):
@@ -583,6 +632,9 @@ class DetectorModel:
         if key not in self._response:
             cfg = self.config
             resp = illumination_pattern(q, cfg.illum_gradient, cfg.illum_vignetting)
+            if cfg.illum_ripple_pct:
+                x, y = quadrant_ccd_coords(q, np.arange(IMAGE_ROWS, dtype=np.float32)[:, None], np.arange(IMAGE_COLS, dtype=np.float32)[None, :])
+                resp *= effects.ripple(x, y, cfg.illum_ripple_pct / 100.0, cfg.illum_ripple_period_px)
             if cfg.prnu_pct > 0:
                 prnu = self.rng("prnu", ccd, q).standard_normal(resp.shape, dtype=np.float32)
                 prnu *= np.float32(cfg.prnu_pct / 100.0)
@@ -618,7 +670,9 @@ class DetectorModel:
         info: dict[str, Any] = {}
         lam: np.ndarray | None = None
         if exp.kind == "flat" and exp.flux_e_per_s > 0 and exp.exptime > 0:
-            lam = self.response(ccd, q) * np.float32(exp.flux_e_per_s * exp.exptime)
+            lit = effects.shutter_exposure(exp.exptime, self.config.shutter_offset_s)
+            lam = self.response(ccd, q) * np.float32(exp.flux_e_per_s * lit)
+            info["illumination_s"] = lit
         elif exp.kind == "point":
             lam = np.zeros((IMAGE_ROWS, IMAGE_COLS), dtype=np.float32)
             spots = []
@@ -667,6 +721,11 @@ class DetectorModel:
             rows, cols, rates = self.dark_sources(ccd, q)
             if rows.size:
                 np.add.at(lam, (rows, cols), rates * np.float32(dark_time))
+        if self.config.dark_during_readout and exp.readout_time > 0:
+            t_row = exp.readout_time / max(exp.vend - exp.vstart, 1)
+            extra = effects.readout_dark_rows(t.dark_e_per_s, t_row)
+            lam = np.broadcast_to(extra, (IMAGE_ROWS, IMAGE_COLS)).astype(np.float32) if lam is None else lam + extra
+            info["readout_row_time_s"] = t_row
         return lam, info
 
     def simulate_quadrant(self, ccd: str, q: str, exp: Exposure, rng: np.random.Generator, geometry: Geometry) -> QuadrantResult:
@@ -681,30 +740,70 @@ class DetectorModel:
         if lam is not None or n_cosmic:
             if lam is None:
                 lam = np.zeros((IMAGE_ROWS, IMAGE_COLS), dtype=np.float32)
+            cfg = self.config
             mu = float(lam.mean())
-            charge = shot_noise(lam, rng)
-            kernel = bf_kernel(mu, t.bf)
-            charge = apply_bf(charge, kernel)
-            charge += lam
+            boundary = cfg.bf_model == "boundary" and t.bf.a00 != 0 and mu >= POISSON_EXACT_BELOW
+            if boundary:  # brighter-fatter by pixel-boundary shifts while the charge is collected
+                charge = effects.deposit_boundary_shifts(lam, t.bf.a10, t.bf.a01, rng, cfg.bf_steps)
+            else:
+                charge = shot_noise(lam, rng)
+                kernel = bf_kernel(mu, t.bf)
+                charge = apply_bf(charge, kernel)
+                charge += lam
             if n_cosmic:
                 cosmic_rays(charge, n_cosmic, rng)
             charge, n_bloomed = bloom(charge, t.full_well_e)
             np.maximum(charge, 0, out=charge)
+            trail = None
+            if cfg.cti_parallel or cfg.cti_serial:
+                trail = effects.serial_overscan_trail(charge, cfg.cti_serial) if cfg.cti_serial else None
+                effects.apply_cti(charge, cfg.cti_parallel, cfg.cti_serial)
             charge *= np.float32(1.0 / t.gain_e_per_adu)
-            image_adu = apply_nl(charge, t.nl.beta_per_adu)
+            mean_adu = np.array([mu / t.gain_e_per_adu], dtype=np.float64)
+            if t.rolloff_adu:
+                image_adu = effects.rolloff_nonlinearity(charge, t.rolloff_adu)
+                signal = float(t.rolloff_adu * np.tanh(mean_adu[0] / t.rolloff_adu))
+            else:
+                image_adu = apply_nl(charge, t.nl.beta_per_adu)
+                signal = float(apply_nl(mean_adu, t.nl.beta_per_adu)[0])
             info.update(
                 fluence_e=mu,
                 fluence_adu=mu / t.gain_e_per_adu,
-                signal_adu=float(apply_nl(np.array([mu / t.gain_e_per_adu], dtype=np.float64), t.nl.beta_per_adu)[0]),
+                signal_adu=signal,
                 pixels_above_full_well=n_bloomed,
             )
-            if exp.kind == "flat" and t.bf.a00 != 0:
+            if trail is not None:
+                info["_serial_trail_adu"] = trail / np.float32(t.gain_e_per_adu)
+            if exp.kind == "flat" and t.bf.a00 != 0 and not boundary:
                 info["bf_kernel"] = {"h0": kernel[0], "h10": kernel[1], "h01": kernel[2]}
                 info["expected_cov_e2"] = bf_expected_covariances(mu, t.bf)
         if n_cosmic:
             info["cosmic_rays"] = n_cosmic
         data = readout(image_adu, t.offset_adu, t.ron_analog_adu, rng, geometry, exp.vstart, exp.vend)
+        self._readout_effects(ccd, q, data, info, rng, geometry, exp)
         return QuadrantResult(data=data, info=info)
+
+    def _readout_effects(self, ccd: str, q: str, data: np.ndarray, info: dict[str, Any], rng: np.random.Generator,
+                         geometry: Geometry, exp: Exposure) -> None:
+        """Serial-CTI trail into the overscan, bias structure, row noise and ADC DNL (in place)."""
+        cfg = self.config
+        trail = info.pop("_serial_trail_adu", None)
+        if trail is not None:
+            data[: trail.shape[0], PRESCAN_COLS + IMAGE_COLS] += trail[: geometry.quad_rows]
+        if cfg.bias_fixed_rms_adu or cfg.bias_ramp_adu:
+            key = ("bias_structure", ccd, q, geometry.quad_rows, geometry.quad_cols)
+            if key not in self._fixed:
+                self._fixed[key] = effects.bias_structure((geometry.quad_rows, geometry.quad_cols), cfg.bias_fixed_rms_adu,
+                                                          cfg.bias_ramp_adu, self.rng("bias_structure", ccd, q))
+            data += self._fixed[key]
+        if cfg.row_noise_adu:
+            data += effects.row_noise(data.shape[0], cfg.row_noise_adu, rng)[:, None]
+        if cfg.adc_dnl_rms:
+            key = ("dnl", ccd, q)
+            if key not in self._fixed:
+                self._fixed[key] = effects.dnl_table(cfg.adc_dnl_rms, self.rng("dnl", ccd, q))
+            window = slice(max(exp.vstart, 0), min(exp.vend, data.shape[0]))
+            data[window] = effects.apply_dnl(data[window], self._fixed[key])
 
 
 #: Point-source positions (fractions of the canonical image area rows, cols): 5 per quadrant.

@@ -40,6 +40,7 @@ from services.sim.frames import (
     frame_kind,
     wavelength_nm,
 )
+from services.sim import effects
 from services.sim.physics import DetectorModel, PhysicsConfig
 from shared.explog import explog_header, format_explog_row
 from shared.filenames import (
@@ -159,8 +160,15 @@ MODEL_NOTES = {
     "of the flux, FWHM x point_halo_scale) convolved alike; flux such that an in-focus "
     "spot centred on a pixel peaks at exptime / tFWC_point x 2^16 ADU (reference gain)",
     "readout_window": "rows outside [vstart, vend) are 0 (not read out)",
-    "not_simulated": "charge-transfer inefficiency (hard-edge response is 0, no trails), traps (trap-pumping "
-    "frames carry the injection only), persistence, crosstalk, offset drifts, pattern noise",
+    "effects": "with physics.bf_model 'boundary' the brighter-fatter effect is a charge-dependent pixel-boundary "
+    "shift during collection (area 1 + sum_n a_n (Q_n - Q_p), midpoint scheme; no expected_cov_e2 then); "
+    "nl_model 'rolloff': S_meas = S_r tanh(S / S_r) (rolloff_adu per quadrant); drift 1 + l t + w (sin(2 pi t/P)); "
+    "shutter_offset_s lengthens the illumination of shutter-open frames (illumination_s per frame); flux_jitter "
+    "per frame; cti_parallel / cti_serial: first-order trails (her_expected = eps_s x 2099 transfers); "
+    "bias_fixed_rms_adu / bias_ramp_adu: a fixed pattern in every frame; row_noise_adu: an offset per row and "
+    "frame; adc_dnl_rms: code widths 1 + d_k; dark_during_readout: row y collects y x readout_row_time_s more; "
+    "illum_ripple_pct: 1 + A sin(2 pi x / P) cos(2 pi y / 1.3 P); see services/sim/effects.py",
+    "not_simulated": "traps (trap-pumping frames carry the injection only), persistence, crosstalk, offset drifts",
 }
 
 
@@ -281,7 +289,12 @@ class Simulator:
         dur = duration_s(regs)
         exptime = float(regs.get("exptime", 0) or 0)
         hours = ((t0 - sim_start).total_seconds() + exptime / 2) / 3600.0
-        drift = 1.0 + self.physics.drift_pct_per_hour / 100.0 * hours
+        cfg = self.physics
+        drift = effects.drift_factor(hours, cfg.drift_pct_per_hour, cfg.drift_wobble_pct, cfg.drift_wobble_period_h)
+        jitter = 1.0
+        if cfg.flux_jitter_pct and kind in ("flat", "point"):
+            jitter = 1.0 + cfg.flux_jitter_pct / 100.0 * float(self.model.rng("jitter", obsid).standard_normal())
+        drift *= jitter
         exposure = exposure_conditions(regs, kind, self.chamber, drift, self.physics.defocus_px_per_mm)
 
         # HK over the frame
@@ -337,6 +350,7 @@ class Simulator:
             "vstart": exposure.vstart,
             "vend": exposure.vend,
             "drift_factor": drift,
+            "flux_jitter": jitter,
             "flux_e_per_s": exposure.flux_e_per_s,
             "files": files,
             "hk_file": f"{folder.name}/{hk_name}",
