@@ -471,19 +471,23 @@ def test_hk_nominal_within_limits_and_injection():
 
 
 def test_charge_injection_and_point_sources():
-    from services.sim.physics import SPOT_POSITIONS, injection_level_adu
+    from services.sim.injection import injection_level_adu
+    from services.sim.physics import SPOT_POSITIONS
 
-    pump = {"IDL": 11, "IG1_1_T": 4, "IG1_1_B": 4, "IG2_T": 6, "IG2_B": 6, "id_wid": 100}
-    assert injection_level_adu(pump, top=True, ccd=1) == pytest.approx(12600, rel=0.01)  # 0.5 V below the IDL edge
-    assert injection_level_adu({**pump, "IDL": 13}, top=True, ccd=1) < 1.0  # above the IDL threshold
-    assert injection_level_adu({**pump, "id_wid": 5}, top=True, ccd=1) == 0
     model = DetectorModel(PhysicsConfig(), "BORN", seed=6)
     qt = model.truth["CCD1"].quadrants["E"]
+    pump = {"IDL": 11, "IG1_1_T": 4, "IG1_1_B": 4, "IG2_T": 6, "IG2_B": 6, "id_wid": 100, "id_dly": 1250, "toi_ch": 500}
+    level = injection_level_adu(pump, "E", 1, qt.injection)
+    assert level == pytest.approx(600 + qt.injection.slope_adu_per_v * (2 + qt.injection.dx_notch_v), rel=1e-3)
+    assert injection_level_adu({**pump, "IDL": 13}, "E", 1, qt.injection) < 0.05 * level  # above the IDL threshold
+    assert injection_level_adu({**pump, "id_wid": 5}, "E", 1, qt.injection) == 0
     values = {**pump, "chinj": 1, "chinj_on": 30, "chinj_of": 100}
     res = model.simulate_quadrant("CCD1", "E", Exposure(kind="chinj", values=values), model.rng("ci"), Geometry())
     prof = np.median(res.data[:IMAGE_ROWS, PRESCAN_COLS + 5:PRESCAN_COLS + IMAGE_COLS - 5], axis=1) - qt.offset_adu
-    assert prof[5:25].mean() == pytest.approx(12600, rel=0.02) and abs(prof[40:120].mean()) < 1
-    assert prof[130:160].mean() == pytest.approx(12600, rel=0.02)
+    assert res.info["well_injected"] and prof[5:25].mean() == pytest.approx(level, rel=0.02) and abs(prof[40:120].mean()) < 1
+    assert prof[130:160].mean() == pytest.approx(level, rel=0.02)
+    poor = model.simulate_quadrant("CCD1", "G", Exposure(kind="chinj", values=values), model.rng("ci2"), Geometry())
+    assert not poor.info["well_injected"]  # id_dly / toi_ch = 2.5: E and F inject well
 
     ch = chamber_profile("CHAMBER_A_JUN18")
     regs = FrameSpec(test="PSF01_800", values={"source": "point", "mirr_on": 1, "mirr_pos": 86.0, "exptime": 0.8}).registers()

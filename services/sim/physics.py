@@ -42,7 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy.special import erf
 
 from shared.geometry import CCDS, IMAGE_COLS, IMAGE_ROWS, PRESCAN_COLS, QUADRANTS, Geometry
-from services.sim import effects
+from services.sim import effects, injection
+from services.sim.injection import InjectionTruth, SerialTrap, VerticalTrap
 from shared.refdata import block_offsets
 
 ADC_MAX = 65535
@@ -111,6 +112,8 @@ class PhysicsConfig(BaseModel):
     dark_during_readout: bool = Field(False, description="dark current also collected during the readout (later rows see more)")
     illum_ripple_pct: float = Field(0.0, ge=0, description="illumination ripple amplitude (%)")
     illum_ripple_period_px: float = Field(300.0, gt=0, description="illumination ripple period (px)")
+    traps_vertical: int = Field(200, ge=0, le=5000, description="vertical traps per quadrant (seen only in pumped frames)")
+    traps_serial: int = Field(20, ge=0, le=500, description="serial-register traps per quadrant (seen only in pumped frames)")
 
     @classmethod
     def realistic(cls, **overrides: Any) -> "PhysicsConfig":
@@ -164,6 +167,7 @@ class QuadrantTruth(BaseModel):
     her_expected: float = Field(0.0, description="hard-edge response of the serial CTI at the image -> overscan edge")
     saturation_first: Literal["full_well", "adc"] = Field("full_well", description="which limit a bright flat reaches first")
     adc_limit_adu: float = Field(0.0, description="offset-subtracted signal (ADU) at which the 16-bit ADC clips")
+    injection: InjectionTruth | None = Field(None, description="charge-injection response (well-injected half)")
 
 
 class HotPixel(BaseModel):
@@ -191,6 +195,8 @@ class CCDTruth(BaseModel):
     quadrants: dict[str, QuadrantTruth]
     hot_pixels: list[HotPixel] = []
     bad_columns: list[BadColumn] = []
+    vertical_traps: dict[str, list[VerticalTrap]] = Field(default_factory=dict, description="per quadrant; x, y image-area (canonical)")
+    serial_traps: dict[str, list[SerialTrap]] = Field(default_factory=dict, description="per quadrant; x image column (canonical)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,20 +499,6 @@ def spot_stamp(shape: tuple[int, int], row: float, col: float, fwhm: float, disk
     return rs, cs, stamp.astype(np.float32)
 
 
-def injection_level_adu(values: dict[str, Any], top: bool, ccd: int) -> float:
-    """Charge-injection level (ADU) of a quadrant from the bias voltages: 0 if ``id_wid < 10``;
-    ``600 + max(0, IG2 - IG1) * 6000`` below the IDL threshold ``IG1 + 7.5`` (logistic edge of
-    0.1 V width), as the campaign's expected-injection rule."""
-    if float(values.get("id_wid", 100)) < 10:
-        return 0.0
-    side = "T" if top else "B"
-    ig1 = float(values.get(f"IG1_{ccd}_{side}", values.get("IG1", 6.0)))
-    ig2 = float(values.get(f"IG2_{side}", values.get("IG2", 2.0)))
-    idl = float(values.get("IDL", 13.0))
-    level = 600.0 + max(0.0, ig2 - ig1) * 6000.0
-    return level / (1.0 + math.exp((idl - (ig1 + 7.5)) / 0.1))
-
-
 # --------------------------------------------------------------------------------------------
 # The detector model (truth + fixed maps) and one frame
 # --------------------------------------------------------------------------------------------
@@ -603,6 +595,7 @@ class DetectorModel:
                     her_expected=cfg.cti_serial * (PRESCAN_COLS + IMAGE_COLS),
                     saturation_first="full_well" if round(fw, 1) / round(gain, 4) < ADC_MAX - offset else "adc",
                     adc_limit_adu=float(ADC_MAX - offset),
+                    injection=injection.draw_injection(self.rng("injection", ccd, q)),
                 )
             hot = []
             for _ in range(cfg.hot_pixels):
@@ -621,7 +614,10 @@ class DetectorModel:
                 else:
                     bad.append(BadColumn(quadrant=q, col=col, row_start=row_start, kind="hot",
                                          dark_e_per_s=round(float(rng.uniform(2.0, 20.0)), 3)))
-            truth[ccd] = CCDTruth(quadrants=quads, hot_pixels=hot, bad_columns=bad)
+            vertical, serial = {}, {}
+            for q in QUADRANTS:
+                vertical[q], serial[q] = injection.draw_traps(self.rng("traps", ccd, q), cfg.traps_vertical, cfg.traps_serial)
+            truth[ccd] = CCDTruth(quadrants=quads, hot_pixels=hot, bad_columns=bad, vertical_traps=vertical, serial_traps=serial)
         return truth
 
     # -- fixed maps ------------------------------------------------------------------------
@@ -663,6 +659,36 @@ class DetectorModel:
             self._dark[key] = (np.asarray(rows, dtype=int), np.asarray(cols, dtype=int), np.asarray(rates, dtype=np.float32))
         return self._dark[key]
 
+    def injection_profiles(self, ccd: str, q: str) -> tuple[np.ndarray, np.ndarray]:
+        """Fixed column profiles of the injection (mean 1): the well-injected half (a few %
+        non-uniformity) and the poorly injected half (strongly non-uniform, smooth). Cached."""
+        key = ("injection_profiles", ccd, q)
+        if key not in self._fixed:
+            rng = self.rng("injection_columns", ccd, q)
+            pct = self.truth[ccd].quadrants[q].injection.column_nonuniformity_pct
+            good = (1.0 + pct / 100.0 * rng.standard_normal(IMAGE_COLS)).astype(np.float32)
+            walk = np.cumsum(rng.standard_normal(IMAGE_COLS))
+            walk = (walk - walk.mean()) / (walk.std() or 1.0)
+            poor = np.clip(1.0 + 0.5 * walk, 0.05, None).astype(np.float32)
+            self._fixed[key] = np.stack([good, poor])
+        good, poor = self._fixed[key]
+        return good, poor
+
+    def pump(self, ccd: str, q: str, charge: np.ndarray, exp: Exposure, rng: np.random.Generator) -> dict[str, Any]:
+        """Trap pumping of an injected frame (in place, e-): vertical (v_tpump) and / or serial
+        (s_tpump) with the cycle counts, modes and phase times of the frame's registers."""
+        v = exp.values
+        num = lambda k, d=0.0: float(v.get(k, d) or d)  # noqa: E731
+        info: dict[str, Any] = {}
+        if num("v_tpump"):
+            info["v_traps_pumped"] = injection.pump_vertical(charge, self.truth[ccd].vertical_traps.get(q, []), int(num("v_tpmod", 123)),
+                                                             num("toi_tp", 1000.0), int(num("v_tp_cnt", 1000)), rng)
+        if num("s_tpump"):
+            rows = slice(max(exp.vstart, 0), min(exp.vend, IMAGE_ROWS))
+            info["s_traps_pumped"] = injection.pump_serial(charge, self.truth[ccd].serial_traps.get(q, []), int(num("s_tpmod", 23)),
+                                                           num("dwell_s", 0.0), int(num("s_tp_cnt", 1000)), rows, rng)
+        return info
+
     # -- one quadrant ----------------------------------------------------------------------
     def expected_charge(self, ccd: str, q: str, exp: Exposure, rng: np.random.Generator) -> tuple[np.ndarray | None, dict[str, Any]]:
         """Expected charge ``lam`` (e-) of the image area, or None for a pure bias."""
@@ -702,16 +728,9 @@ class DetectorModel:
             info["defocus_disk_px"] = exp.defocus_disk_px
             info["spots"] = spots
         elif exp.kind == "chinj":
-            level_e = injection_level_adu(exp.values, top=q in ("E", "F"), ccd=int(ccd[-1])) * t.gain_e_per_adu
-            on, off = int(exp.values.get("chinj_on", 30) or 0), int(exp.values.get("chinj_of", 100) or 0)
-            period = max(on + off, 1)
-            rows = np.arange(IMAGE_ROWS)
-            injected = (rows % period) < on if off > 0 else np.ones(IMAGE_ROWS, bool)
-            col_profile = 1.0 + 0.02 * rng.standard_normal(IMAGE_COLS).astype(np.float32)  # per-column non-uniformity
-            lam = (injected[:, None] * col_profile[None, :] * np.float32(level_e)).astype(np.float32)
-            info["injection_e"] = level_e
-            info["injection_adu"] = level_e / t.gain_e_per_adu
-            info["injection_lines"] = {"on": on, "off": off}
+            lam, extra = injection.injection_charge(exp.values, q, int(ccd[-1]), t.injection, t.gain_e_per_adu,
+                                                    *self.injection_profiles(ccd, q))
+            info.update(extra)
         dark_time = exp.dark_time
         if dark_time > 0:
             if lam is None:
@@ -750,6 +769,8 @@ class DetectorModel:
                 kernel = bf_kernel(mu, t.bf)
                 charge = apply_bf(charge, kernel)
                 charge += lam
+            if exp.kind == "chinj":
+                info.update(self.pump(ccd, q, charge, exp, rng))
             if n_cosmic:
                 cosmic_rays(charge, n_cosmic, rng)
             charge, n_bloomed = bloom(charge, t.full_well_e)
