@@ -38,7 +38,7 @@ class InjectionTruth(BaseModel):
     slope_adu_per_v: float
     floor_adu: float = 600.0
     steepness_per_v: float = 15.0
-    column_nonuniformity_pct: float = 2.0
+    column_nonuniformity_pct: float = 4.0
 
 
 class VerticalTrap(BaseModel):
