@@ -4,7 +4,8 @@ pumping"). Pure functions on canonical quadrant arrays (e-); the per-quadrant tr
 
 Injection: line ``y`` of the readout window is injected when ``(y - vstart) mod (chinj_on +
 chinj_of) < chinj_on``; the half of the CCD whose injection delay is right (``id_dly / toi_ch`` in
-(2, 3]: E and F; in (1, 2]: G and H; outside (1, 3] the nearer interval) gets
+(1, 2]: G and H; otherwise E and F, so that the campaign's two delays (1250 and 750 us
+at the default 1000 us phase time) cover both halves) gets
 ``expit(k (IG1 - x_T)) (N + S max(0, x_N - IG1))`` ADU with per-quadrant threshold
 ``x_T = IDL - 7.5 + dx_T``, notch ``x_N = IG2 + dx_N``, slope S and floor N; the other half a low,
 strongly non-uniform level (unusable); a fixed column-to-column non-uniformity of a few per cent;
@@ -101,9 +102,7 @@ def _num(values: Mapping[str, Any], key: str, default: float) -> float:
 def well_injected(values: Mapping[str, Any]) -> tuple[str, ...]:
     """Quadrants that inject well for this frame's injection delay (module docstring)."""
     ratio = _num(values, "id_dly", 1500.0) / max(_num(values, "toi_ch", 1000.0), 1e-9)
-    if 2.0 < ratio <= 3.0 or ratio > 3.0:
-        return ("E", "F")
-    return ("G", "H")
+    return ("G", "H") if 1.0 < ratio <= 2.0 else ("E", "F")
 
 
 def injected_lines(values: Mapping[str, Any], rows: int = IMAGE_ROWS) -> np.ndarray:

@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 from services.analyzer.family import Calibrations, ExposureFrames, Extraction, Family, TestRun, exposure_unit
 from services.analyzer.model import AnalysisOutput, FigureProduct, ProductSink, TableProduct
 from services.analyzer.science.fitting import iterative_fit
+from services.analyzer.science.injection import well_injected_half
 from services.analyzer.science.stats import clipped_stats
 from shared.flags import Flag
 from shared.geometry import IMAGE_COLS, IMAGE_ROWS, PRESCAN_COLS, QUADRANTS, standard_region
@@ -121,12 +122,6 @@ def _num(values: dict[str, Any], key: str, default: float) -> float:
         return float(v) if v not in (None, "") else default
     except (TypeError, ValueError):
         return default
-
-
-def well_injected_half(id_dly_us: float, toi_ch_us: float) -> tuple[str, str]:
-    """Quadrants injecting well at this delay (``id_dly / toi_ch``; families.md)."""
-    ratio = id_dly_us / max(toi_ch_us, 1e-9)
-    return ("E", "F") if ratio > 2.0 else ("G", "H")
 
 
 def quadrant_injection(quad: np.ndarray, values: dict[str, Any], ccd: int, q: str, params: ChinjParams) -> QuadInjection:
