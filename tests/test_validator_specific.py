@@ -105,8 +105,36 @@ def test_nl_background_and_stability(frames):
 def test_roles_and_unknown_wavelength():
     assert frame_role("FLAT02_730", {"exptime": 5, "shuttr": 1, "source": "flat"}) == "flat"
     assert frame_role("BIAS01", {"exptime": 0, "shuttr": 0}) == "no_light"
-    assert frame_role("CHINJ01", {"exptime": 0, "chinj": 1}) == "other"
+    assert frame_role("CHINJ01", {"exptime": 0, "chinj": 1}) == "injection"
     assert frame_role("NL02", {"comments": "FLU", "exptime": 3, "shuttr": 1}) == "other"
     stats = {q: {r: {"offset": 1000.0} for r in ("pre", "img", "ove")} for q in QUADRANTS}
     tree, flags, notes = assess_test_specific("FLAT01", {"CCD1": stats}, {"CCD1": {"exptime": 5, "shuttr": 1, "wave": 9}}, CHAMBER)
     assert tree == {} and flags == Flag(0) and "no tFWC_flat" in notes[0]
+
+
+def test_injection_checks_on_the_well_injected_half():
+    """CHINJ01 frames from the simulator: a nominal one passes on the well-injected half (E, F
+    at id_dly / toi_ch = 2.5); the same pixels claimed at a 6 V lower notch (expected 3 x less)
+    fail the level; id_wid < 10 expects nothing."""
+    from services.sim.frames import FrameSpec
+    from services.validator.specific import injection_registers, injection_stats
+
+    model = DetectorModel(PhysicsConfig(), "BORN", seed=4)
+    regs = FrameSpec(test="CHINJ01", values={"chinj": 1, "chinj_on": 30, "chinj_of": 100, "IDL": 11, "IG2_T": 6, "IG2_B": 6,
+                                              **{f"IG1_{c}_{s}": 4.0 for c in (1, 2, 3) for s in "TB"},
+                                              "id_dly": 1250, "toi_ch": 500, "id_wid": 100}).registers()
+    data = _frame(model, regs, 7)
+    stats = frame_stats(data, integer=True)
+    inj = {"CCD1": injection_stats(data, injection_registers(regs), stats)}
+    tree, flags, notes = assess_test_specific("CHINJ01", {"CCD1": stats}, {"CCD1": regs}, CHAMBER, inj)
+    assert flags == Flag(0), tree
+    assert set(tree["injection"]["CCD1"]) == {"E", "F"}  # G, H inject poorly at this delay: not judged
+    ratio = tree["injection"]["CCD1"]["E"]["level"]["value"]
+    assert 0.8 < ratio < 1.25 and 0.03 < tree["injection"]["CCD1"]["E"]["std"]["value"] < 0.1
+    low_notch = {**regs, "IG2_T": 4.5}  # expected 600 + 0.5 x 6000: 3.6 x less than injected
+    _, flags, _ = assess_test_specific("CHINJ01", {"CCD1": stats}, {"CCD1": low_notch}, CHAMBER, inj)
+    assert Flag.FLUENCE_OOL in flags
+    _, flags, _ = assess_test_specific("CHINJ01", {"CCD1": stats}, {"CCD1": {**regs, "id_wid": 5}}, CHAMBER, inj)
+    assert Flag.FLUENCE_OOL in flags  # nothing expected, 12600 ADU seen
+    _, flags, notes = assess_test_specific("CHINJ01", {"CCD1": stats}, {"CCD1": {**regs, "IDL": 12}}, CHAMBER, inj)
+    assert flags == Flag(0) and "expected injection unknown" in notes[0]

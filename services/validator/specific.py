@@ -12,7 +12,13 @@ exposure-log values of each CCD. Pure functions.
 - NL01/NL02 background frames (comments BGD, or shutter closed): image - prescan in
   [-10, 20] ADU (BGD_OOL);
 - frames that must see no light (BIAS*, DARK*, shutter-closed frames of any test, no charge
-  injection): image - mean(prescan, overscan) <= 20 ADU, else SOURCEON.
+  injection): image - mean(prescan, overscan) <= 20 ADU, else SOURCEON;
+- charge-injection frames (CHINJ01/02, TP01/11/02/21, any frame with ``chinj`` or pumping), on
+  the well-injected half only: the campaign's expected level (:func:`shared.injection.
+  expected_injection_adu`: 0 when id_wid < 10; ``600 + max(0, IG2 - IG1) x 6000`` when IDL < IG1 +
+  7.5; unknown otherwise, then not checked) with the median of the injected lines within [0.5,
+  1.5] x expected (FLUENCE_OOL) and their std within [0.03, 0.45] x expected (FLUENCEGRAD_OOL);
+  no injection expected: the median <= 50 ADU. Leaves ``injection.<CCD>.<Q>.level`` / ``.std``.
 
 The leaves go under ``compliance["test"]``: ``fluence.<CCD>.<Q>`` (ratio measured / expected, or
 ADU for darks and backgrounds), ``flux.<CCD>`` (tFWC ratio), ``source.<CCD>.<Q>`` (ADU).
@@ -23,7 +29,11 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+import numpy as np
+
 from shared.flags import Flag
+from shared.geometry import IMAGE_COLS, IMAGE_ROWS, PRESCAN_COLS, Geometry, quadrant
+from shared.injection import expected_injection_adu, injected_rows, well_injected_half
 
 FULL_SCALE = 65536.0
 FLUENCE_TOLERANCE = 0.10
@@ -36,6 +46,10 @@ NO_LIGHT_MAX_ADU = 20.0
 FLAT_TESTS = ("FLAT01", "FLAT02", "FLAT_STB", "PTC01", "PTC02", "COSMETICS00")
 NL_TESTS = ("NL01", "NL02")
 NL_STABILITY_FRACTION = 0.5
+INJECTION_LEVEL_LIMITS = (0.5, 1.5)
+INJECTION_STD_LIMITS = (0.03, 0.45)
+NO_INJECTION_MAX_ADU = 50.0
+INJECTION_KEYS = ("chinj", "v_tpump", "s_tpump")
 
 
 def _num(value: Any, default: float = float("nan")) -> float:
@@ -68,11 +82,63 @@ def _comment(row: Mapping[str, Any]) -> str:
     return str(row.get("comments") or "").strip().upper()
 
 
+def injection_registers(row: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The registers the injection statistics need, or None for a frame without injection."""
+    if not any(_num(row.get(k), 0.0) for k in INJECTION_KEYS):
+        return None
+    return {k: row.get(k) for k in ("chinj_on", "chinj_of", "vstart", "vend")}
+
+
+def injection_stats(data: np.ndarray, registers: Mapping[str, Any], stats: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Median and std (ADU, prescan offset subtracted) of the injected lines of each quadrant's
+    image area (every 4th column: fast), from a full frame in array orientation."""
+    geometry = Geometry.from_shape(data.shape)
+    vend = int(_num(registers.get("vend"), 2086))
+    rows = injected_rows(registers)[: min(vend, IMAGE_ROWS)]
+    out: dict[str, dict[str, float]] = {}
+    for q, s in stats.items():
+        quad = quadrant(data, q, geometry)
+        lines = quad[: rows.size][rows, PRESCAN_COLS:PRESCAN_COLS + IMAGE_COLS:4]
+        if lines.size == 0:
+            continue
+        lines = lines.astype(np.float32) - np.float32(s["pre"]["offset"])
+        out[q] = {"median": float(np.median(lines)), "std": float(lines.std())}
+    return out
+
+
+def _assess_injection(ccd: str, row: Mapping[str, Any], inj: Mapping[str, Mapping[str, float]], tree: dict[str, Any],
+                      notes: list[str]) -> Flag:
+    flags = Flag(0)
+    good = well_injected_half(_num(row.get("id_dly"), 1500.0), _num(row.get("toi_ch"), 1000.0))
+    for q, s in inj.items():
+        if q not in good:
+            continue
+        expected = expected_injection_adu(row, int(ccd[-1]), q)
+        if expected is None:
+            notes.append(f"{ccd} {q}: expected injection unknown (IDL >= IG1 + 7.5): not checked")
+            continue
+        node: dict[str, Any] = {}
+        if expected == 0:
+            node["level"] = _leaf(s["median"], None, NO_INJECTION_MAX_ADU)
+        else:
+            node["level"] = _leaf(s["median"] / expected, *INJECTION_LEVEL_LIMITS)
+            node["std"] = _leaf(s["std"] / expected, *INJECTION_STD_LIMITS)
+        tree.setdefault("injection", {}).setdefault(ccd, {})[q] = node
+        if not node["level"]["passed"]:
+            flags |= Flag.FLUENCE_OOL
+        if "std" in node and not node["std"]["passed"]:
+            flags |= Flag.FLUENCEGRAD_OOL
+    return flags
+
+
 def frame_role(test: str, row: Mapping[str, Any]) -> str:
-    """``dark`` | ``flat`` | ``nl_stability`` | ``nl_background`` | ``no_light`` | ``other``."""
+    """``dark`` | ``flat`` | ``nl_stability`` | ``nl_background`` | ``no_light`` | ``injection`` |
+    ``other``."""
     base = _base(test)
     closed = _num(row.get("shuttr"), 1.0) == 0 or _num(row.get("exptime"), 0.0) <= 0
-    injecting = any(_num(row.get(k), 0.0) for k in ("chinj", "v_tpump", "s_tpump"))
+    injecting = any(_num(row.get(k), 0.0) for k in INJECTION_KEYS)
+    if injecting:
+        return "injection"
     if base.startswith("DARK"):
         return "dark"
     if base.startswith(NL_TESTS):
@@ -91,17 +157,23 @@ def assess_test_specific(
     stats: Mapping[str, Mapping[str, Mapping[str, Any]]],
     rows: Mapping[str, Mapping[str, Any]],
     chamber: Mapping[str, Any] | None,
+    injection: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
 ) -> tuple[dict[str, Any], Flag, list[str]]:
     """The test-specific checks (module docstring) of one exposure. ``stats`` =
     ``{CCD: {Q: {"pre": {"offset"}, "img": {...}, "ove": {...}}}}``; ``rows`` = ``{CCD:
-    exposure-log values}``; ``chamber`` = the chamber profile (tFWC). Returns (tree, flags,
-    notes on checks that could not run)."""
+    exposure-log values}``; ``chamber`` = the chamber profile (tFWC); ``injection`` = ``{CCD: {Q:
+    {median, std}}}`` of injection frames (:func:`injection_stats`). Returns (tree, flags, notes
+    on checks that could not run)."""
     tree: dict[str, Any] = {}
     flags = Flag(0)
     notes: list[str] = []
     for ccd, quads in stats.items():
         row = rows.get(ccd) or {}
         role = frame_role(test, row)
+        if role == "injection":
+            if injection and ccd in injection:
+                flags |= _assess_injection(ccd, row, injection[ccd], tree, notes)
+            continue
         if role == "other":
             continue
         exptime = _num(row.get("exptime"), 0.0)
@@ -154,4 +226,4 @@ def assess_test_specific(
     return tree, flags, notes
 
 
-__all__ = ["assess_test_specific", "frame_role", "t_full_well"]
+__all__ = ["assess_test_specific", "frame_role", "injection_registers", "injection_stats", "t_full_well"]

@@ -7,11 +7,13 @@ import time
 from typing import Any
 
 from services.validator.checks import frame_stats
+from services.validator.specific import injection_stats
 from shared.checksum import sha256_file
 from shared.fitsio import FrameError, read_frame
 
 
-def process_ccd(path: str, expected_sha256: str | None, vstart: int, vend: int) -> dict[str, Any]:
+def process_ccd(path: str, expected_sha256: str | None, vstart: int, vend: int,
+                injection: dict[str, Any] | None = None) -> dict[str, Any]:
     """``{"ok": True, "stats": {Q: quadrant_stats}, "shape": [rows, cols], "seconds": {...}}`` or
     ``{"ok": False, "what": "checksum" | "fits", "why": reason}`` for a bad file."""
     t0 = time.perf_counter()
@@ -31,6 +33,9 @@ def process_ccd(path: str, expected_sha256: str | None, vstart: int, vend: int) 
     # 16-bit frames hold whole ADU in [0, 65535]: medians from histograms
     integer = int(frame.header.get("BITPIX", -32)) in (8, 16)
     stats = frame_stats(frame.data, vstart, vend, integer=integer)
+    extra: dict[str, Any] = {}
+    if injection is not None:  # charge-injection frames: statistics of the injected lines
+        extra["injection"] = injection_stats(frame.data, injection, stats)
     t3 = time.perf_counter()
-    return {"ok": True, "stats": stats, "shape": list(frame.data.shape),
+    return {"ok": True, "stats": stats, "shape": list(frame.data.shape), **extra,
             "seconds": {"checksum": t1 - t0, "read": t2 - t1, "stats": t3 - t2}}
