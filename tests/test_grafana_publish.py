@@ -15,6 +15,7 @@ from services.cli import main as vison
 
 REPO = Path(__file__).resolve().parents[1]
 BOARDS = REPO / "deploy" / "grafana" / "dashboards"
+N_BOARDS = len(list(BOARDS.rglob("*.json")))  # Prometheus boards + the catalogue's SQL boards (catalogue/)
 
 
 class FakeGrafana(BaseHTTPRequestHandler):
@@ -74,10 +75,10 @@ def test_publish_creates_folder_and_posts_every_dashboard(grafana, monkeypatch, 
     monkeypatch.delenv("GRAFANA_USER", raising=False)
     assert vison(["grafana", "publish", "--url", url]) == 0
     reqs = [(r["method"], r["path"]) for r in fake.requests]
-    assert reqs == [("GET", "/api/folders/vison"), ("POST", "/api/folders")] + [("POST", "/api/dashboards/db")] * 3
+    assert reqs == [("GET", "/api/folders/vison"), ("POST", "/api/folders")] + [("POST", "/api/dashboards/db")] * N_BOARDS
     assert all(r["auth"] == "Bearer glsa_test" for r in fake.requests)
     posts = [r["body"] for r in fake.requests if r["path"] == "/api/dashboards/db"]
-    committed = {p.name: json.loads(p.read_text()) for p in BOARDS.glob("*.json")}
+    committed = {str(p.relative_to(BOARDS)): json.loads(p.read_text()) for p in BOARDS.rglob("*.json")}
     assert sorted(b["dashboard"]["uid"] for b in posts) == sorted(m["uid"] for m in committed.values())
     for body in posts:
         assert body["folderUid"] == "vison" and body["overwrite"] is True
@@ -95,7 +96,7 @@ def test_publish_reuses_folder_and_retargets_datasource(grafana, monkeypatch):
                   "--datasource-uid", "P1809F7CD0C75ACF3"]) == 0
     assert [r["path"] for r in fake.requests].count("/api/folders") == 0  # folder exists: not created
     posts = [r["body"] for r in fake.requests if r["path"] == "/api/dashboards/db"]
-    assert len(posts) == 3
+    assert len(posts) == N_BOARDS
     text = json.dumps(posts)
     assert "vison-prometheus" not in text and text.count("P1809F7CD0C75ACF3") > 100
     assert all(p["folderUid"] == "lab" for p in posts)
@@ -115,7 +116,7 @@ def test_publish_without_credentials_or_with_wrong_ones_fails(grafana, monkeypat
 
 def test_publish_dry_run_and_bad_folder(tmp_path, capsys):
     assert vison(["grafana", "publish", "--url", "http://127.0.0.1:9", "--dry-run"]) == 0
-    assert capsys.readouterr().out.count("would publish") == 3
+    assert capsys.readouterr().out.count("would publish") == N_BOARDS
     (tmp_path / "x.json").write_text('{"title": "no uid"}')
     assert vison(["grafana", "publish", "--url", "http://127.0.0.1:9", "--dashboards", str(tmp_path), "--dry-run"]) == 2
     assert "not a dashboard model" in capsys.readouterr().err

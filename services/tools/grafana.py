@@ -50,11 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_dashboards(folder: Path) -> list[dict[str, Any]]:
-    """Every ``*.json`` dashboard model of a folder (sorted by file name)."""
+    """Every ``*.json`` dashboard model of a folder and its sub-folders (the SQL boards of the
+    catalogue live in ``catalogue/``), sorted by path."""
     if not folder.is_dir():
         raise PublishError(f"dashboard folder {folder} not found (pass --dashboards DIR)")
     boards = []
-    for path in sorted(folder.glob("*.json")):
+    for path in sorted(folder.rglob("*.json")):
         try:
             model = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
