@@ -12,10 +12,23 @@ from shared.events import SCHEMA_VERSION, json_schemas
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, type=Path, help="folder to write the schemas into")
+    parser.add_argument("--out", type=Path, help="folder to write the event schemas into")
+    parser.add_argument("--result-keys", type=Path, default=None, metavar="FILE",
+                        help="write the documentation of every analysis result key (markdown) to FILE")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.result_keys is not None:
+        from services.tools.resultkeys import markdown
+
+        args.result_keys.parent.mkdir(parents=True, exist_ok=True)
+        args.result_keys.write_text(markdown())
+        print(f"result keys: {args.result_keys}")
+        if args.out is None:
+            return 0
+    if args.out is None:
+        print("vison schemas: give --out DIR and / or --result-keys FILE")
+        return 2
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     index = {"schema_version": SCHEMA_VERSION, "events": []}

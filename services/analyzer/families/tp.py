@@ -106,7 +106,7 @@ class TPQuadResult(BaseModel):
     injection_noise_adu: float | None = Field(None, description="noise of the references (ADU): median rms of the column fits")
     gain_used: float = Field(description="gain converting the amplitudes to electrons (e-/ADU)")
     gain_is_nominal: bool = Field(description="no PTC01 gain: the nominal 3.5 e-/ADU (Pc is then only approximate)")
-    notes: list[str] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list, description="why frames were not used (no reference, unknown mode, ...)")
 
 
 # ------------------------------------------------------------------------------------ extraction
