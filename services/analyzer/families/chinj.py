@@ -306,6 +306,11 @@ def solve(extractions: list[ChinjExtraction], calib: Calibrations, params: Chinj
                           description="injection statistics per frame, CCD and quadrant (offset-subtracted, average cycle)"))
     sink.add(FigureProduct("chinj_curves", lambda fig: _draw(fig, curves, sweep), size=(15, 5),
                            description=f"injected level vs {'IG1' if sweep == 'ig1' else 'IDL'} per CCD (well-injected frames)"))
+    brightest = {ccd: {q: max((e.quads[ccd][q] for e in exts if ccd in e.quads and e.quads[ccd][q].well_injected),
+                              key=lambda s: s.median, default=None) for q in QUADRANTS} for ccd in ccds}
+    sink.add(FigureProduct("chinj_profiles", lambda fig: _draw_profiles(fig, brightest), size=(15, 7),
+                           description="line profile of the average injection cycle and column profile of the injected lines "
+                                       "(brightest well-injected frame of each quadrant)"))
     return AnalysisOutput(results=results, flags=int(flags), frames=rows, parameters=params.model_dump(mode="json"), summary=summary,
                           test_values={"sweep": sweep, "frames": len(exts)})
 
@@ -327,6 +332,22 @@ def _draw(fig: Any, curves: dict[str, dict[str, tuple]], sweep: str) -> None:
         ax.set_xlabel("IG1 (V)" if sweep == "ig1" else "IDL (V)")
         ax.legend(fontsize=7)
     axes[0].set_ylabel("injected level (ADU)")
+
+
+def _draw_profiles(fig: Any, brightest: dict[str, dict[str, QuadInjection | None]]) -> None:
+    axes = fig.subplots(2, max(len(brightest), 1), squeeze=False)
+    for k, (ccd, quads) in enumerate(brightest.items()):
+        for q, s in quads.items():
+            if s is None:
+                continue
+            axes[0, k].plot(s.line_profile, lw=0.8, label=q)
+            axes[1, k].plot(s.column_profile, lw=0.5, label=q)
+        axes[0, k].set_title(f"{ccd}: average cycle")
+        axes[0, k].set_xlabel("line in the cycle")
+        axes[1, k].set_xlabel("image column (canonical)")
+        axes[0, k].legend(fontsize=7)
+    axes[0, 0].set_ylabel("median (ADU)")
+    axes[1, 0].set_ylabel("mean of the injected lines (ADU)")
 
 
 FAMILY = Family(
