@@ -1,6 +1,8 @@
-"""COSMETICS00 on simulated full-size frames (a bias and a 50 % flat with dead columns): the
-flat mask finds every injected dead column, the merged mask, counts and products; the DARK01
-defect mask of the block is merged when present."""
+"""COSMETICS00 family (engine v2): the flat mask finds every injected dead column, the merged mask,
+counts and products; the DARK01 defect mask (``dark_mask`` calibration) is merged where present.
+The full-size run (a bias and a 50 % flat with dead columns) is chained after DARK01 in
+tests/test_analysis_dark.py (its dark mask is the calibration); :func:`check_cosmetics` holds
+the truth assertions."""
 
 from __future__ import annotations
 
@@ -9,14 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from astropy.io import fits
 
-from services.analyzer.analysis.cosmetics import FLAT_HIGH, FLAT_LOW, flat_defects
-from services.analyzer.analysis.dark import DEFECT_COLUMN, DEFECT_HOT
-from services.analyzer.products import ProductWriter, write_json
-from services.analyzer.model import ImageProduct
+from services.analyzer.families.cosmetics import FAMILY, FLAT_HIGH, FLAT_LOW, flat_defects
+from services.analyzer.family import DARK_MASK, DEFECT_MASK
+from services.analyzer.science.defects import DEFECT_COLUMN
 from services.cli import main as vison
-from shared.geometry import QUADRANTS, Geometry, quadrant
+from shared.geometry import CCDS, QUADRANTS, quadrant
 
 
 @pytest.fixture(scope="module")
@@ -28,27 +28,14 @@ def cosmetics_data(tmp_path_factory) -> tuple[Path, dict]:
     return data, json.loads((data / "truth.json").read_text())
 
 
-@pytest.mark.fullsize
-def test_cosmetics_finds_dead_columns_and_merges_dark01_mask(cosmetics_data, tmp_path):
-    data, truth = cosmetics_data
-    out = tmp_path / "products"
-    # a DARK01 defect mask of the block with one hot pixel in CCD1 E
-    dark_mask = np.zeros(Geometry().shape, dtype=np.uint8)
-    quadrant(dark_mask, "E")[100, 200] = DEFECT_HOT
-    writer = ProductWriter(out / "BORN" / "DARK01", {"block": "BORN", "test": "DARK01"}, root=out)
-    writer.add(ImageProduct("master_dark_CCD1", {"MASK": dark_mask}, ccd="CCD1"))
-    write_json(out / "BORN" / "DARK01" / "results.json", {"status": "completed", "results": {}})
-
-    assert vison(["analyze", "COSMETICS00", "--data", str(data), "--out", str(out), "--expected", "2"]) == 0
-    folder = out / "BORN" / "COSMETICS00"
-    doc = json.loads((folder / "results.json").read_text())
-    assert doc["status"] == "completed"
+def check_cosmetics(out, sink, truth: dict, merged_ccds: set[str]) -> None:
+    """Truth assertions of a COSMETICS00 solve (``merged_ccds``: CCDs given a DARK01 mask)."""
     for ccd, ct in truth["ccds"].items():
-        with fits.open(folder / f"cosmetics_masks_{ccd}.fits") as hdul:
-            assert [h.name for h in hdul] == ["PRIMARY", "MASK", "DARK_MASK", "FLAT_MASK", "FLAT_NORM", "MBIAS", "INPUTS"]
-            merged = hdul["MASK"].data
+        prod = sink.get(f"cosmetics_masks_{ccd}")
+        assert list(prod.extensions) == ["MASK", "DARK_MASK", "FLAT_MASK", "FLAT_NORM", "MBIAS"]
+        merged = prod.extensions["MASK"]
         for q in QUADRANTS:
-            v = doc["results"][ccd][q]
+            v = out.results[ccd][q]
             assert v["n_bias"] == 1 and v["n_flats"] == 1
             assert 25000 < v["flat_level_adu"] < 42000
             dead = [b for b in ct["bad_columns"] if b["quadrant"] == q and b["kind"] == "dead"]
@@ -60,14 +47,16 @@ def test_cosmetics_finds_dead_columns_and_merges_dark01_mask(cosmetics_data, tmp
                 assert np.all(qm[:2066, c] & DEFECT_COLUMN)
             assert v["n_defects"] == int(np.count_nonzero(qm)) >= 2066 * len(expect)
             assert v["n_flat_high"] == 0
-            assert v["dark01_mask_merged"] == (ccd == "CCD1")
-    assert doc["results"]["CCD1"]["E"]["n_dark_defects"] >= 1
-    assert doc["results"]["CCD1"]["E"]["n_hot"] >= 1
-    with fits.open(folder / "cosmetics_masks_CCD1.fits") as hdul:
-        assert quadrant(hdul["MASK"].data, "E")[100, 200] & DEFECT_HOT
-    with fits.open(folder / "cosmetics_bad_columns.fits") as hdul:
-        assert len(hdul["TABLE"].data) == sum(v["n_bad_columns"] for qs in doc["results"].values() for v in qs.values())
-    assert any(c["kind"] == "dark_mask" for c in doc["provenance"]["calibrations"])
+            assert v["dark01_mask_merged"] == (ccd in merged_ccds)
+    table = sink.get("cosmetics_bad_columns").columns
+    assert len(table["col"]) == sum(v["n_bad_columns"] for qs in out.results.values() for v in qs.values())
+    assert out.provides[DEFECT_MASK]["files"] == {c: f"cosmetics_masks_{c}.fits" for c in CCDS}
+
+
+def test_family_declaration():
+    assert FAMILY.tests == ("COSMETICS00",)
+    assert [(n.name, n.mode, n.sources) for n in FAMILY.needs] == [(DARK_MASK, "wait", ("DARK01",))]
+    assert FAMILY.provides == (DEFECT_MASK,) and all(f.description for f in FAMILY.result.model_fields.values())
 
 
 def test_flat_defects_limits():

@@ -142,10 +142,12 @@ def dipole_candidates(r: np.ndarray, threshold: float, axis: int = 0) -> list[Ca
     else:
         one_d = False
     a = np.moveaxis(r, axis, 0)  # pumping axis first
-    p1, p2 = a[1:-2], a[2:-1]
-    before, after = a[:-3], a[3:]
-    hit = (np.abs(p1) > threshold) & (np.abs(p2) > threshold) & (np.sign(p1) != np.sign(p2))
-    hit &= (np.abs(before) <= threshold) & (np.abs(after) <= threshold)
+    big = np.abs(a) > threshold
+    positive = a > 0
+    hit = big[1:-2] & big[2:-1]
+    hit &= positive[1:-2] != positive[2:-1]
+    hit &= ~big[:-3]
+    hit &= ~big[3:]
     idx = np.argwhere(hit)
     out = []
     for i, j in idx:
@@ -181,13 +183,15 @@ def quadrant_tp(quad: np.ndarray, values: dict[str, Any], q: str, params: TPPara
         out.level_adu, out.noise_adu = reference_level_noise(img)
         return out
     if v_p:
-        profile = np.median(img, axis=0)
+        profile = np.median(img[::4], axis=0)  # every 4th row: the column structure, the sparse dipoles do not move it
         profile = np.where(profile > 0, profile, np.nan).astype(np.float32)
         rel = img / profile[None, :]
-        resid = rel - uniform_filter(np.nan_to_num(rel, nan=1.0), params.filter_size, mode="nearest")
+        if not np.isfinite(profile).all():
+            rel = np.nan_to_num(rel, nan=1.0)
+        resid = rel - uniform_filter(rel, params.filter_size, mode="nearest")
         out.map_noise = mad_std(resid[::3, ::3])
         if math.isfinite(out.map_noise) and out.map_noise > 0:
-            out.candidates = dipole_candidates(np.nan_to_num(resid), params.candidate_nsigma * out.map_noise, axis=0)
+            out.candidates = dipole_candidates(resid, params.candidate_nsigma * out.map_noise, axis=0)
     return out
 
 
@@ -220,7 +224,12 @@ def fit_dipole(t: np.ndarray, a: np.ndarray, n: np.ndarray, serial: bool, t_rang
     lo, hi = np.array([-6.0, t_range[0] / 10.0]), np.array([0.0, t_range[1] * 10.0])
     sigma = np.sqrt(np.maximum(a, 1.0))  # binomial counts
     best = None
-    for tau0 in np.geomspace(lo[1] * 1.01, hi[1] * 0.99, 7):
+    if serial:
+        starts = np.geomspace(lo[1] * 1.01, hi[1] * 0.99, 4)
+    else:  # the vertical amplitude peaks at t = tau ln 2
+        t_peak = float(t[int(np.argmax(a))]) / math.log(2.0)
+        starts = np.clip([t_peak, t_peak / 3.0, t_peak * 3.0], lo[1] * 1.01, hi[1] * 0.99)
+    for tau0 in starts:
         f = model(t, n, 0.0, tau0)
         pc0 = float(np.clip(np.sum(a * f) / max(np.sum(f * f), 1e-30), 1e-6, 1.0))
         try:

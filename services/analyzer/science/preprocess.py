@@ -93,3 +93,20 @@ def preprocess_quadrant(
     if mask is not None:
         out[np.asarray(mask, dtype=bool)] = np.nan
     return out
+
+
+def reference_pixels(quad: np.ndarray, vstart: int = 0, vend: int = 2086) -> np.ndarray:
+    """Virtual pixels of a canonical quadrant (no photo-charge, no dark signal): trimmed prescan
+    and serial overscan over the image rows, and the parallel overscan rows (2 rows of border)
+    of the image columns trimmed by (5, 5), as one 1-D float32 array."""
+    from shared.geometry import standard_region
+
+    parts = [standard_region(quad, "pre", vstart, vend).ravel(), standard_region(quad, "ove", vstart, vend).ravel()]
+    if quad.shape[0] > IMAGE_ROWS and vend > IMAGE_ROWS:
+        parts.append(region(quad, "povr", (5, 5), row_border=2).ravel())
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def reference_offset(quad: np.ndarray, nsigma: float = 4.0, vstart: int = 0, vend: int = 2086) -> float:
+    """Offset (ADU): 4-sigma clipped mean of the virtual pixels (:func:`reference_pixels`)."""
+    return clipped_stats(reference_pixels(quad, vstart, vend), nsigma, subsample=17).mean

@@ -182,3 +182,48 @@ def group_by(values: Sequence[float], rel_tol: float = 1e-3, abs_tol: float = 1e
                 continue
         groups.append([i])
     return [sorted(g) for g in groups]
+
+
+def fast_clipped_stats(
+    values: np.ndarray, nsigma: float = 4.0, maxiters: int = 10, subsample: int = 17, center: Literal["median", "mean"] = "median"
+) -> ClippedStats:
+    """:func:`clipped_stats` with ``subsample`` for large float32 images, without float64 copies
+    of the whole array: the same result (bounds iterated on every ``subsample``-th value, then
+    mean / variance of all finite values inside the bounds, with the clipping correction), with
+    the sums accumulated in float64 around the clipping centre. ~10x faster on 4 Mpixel."""
+    x = np.asarray(values)
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float32)
+    flat = x.reshape(-1)  # a copy only when the view is not contiguous
+    n0 = flat.size
+    if n0 == 0:
+        nan = float("nan")
+        return ClippedStats(nan, nan, nan, nan, nan, nan, 0, 0, nan, nan)
+    sub = flat[::subsample] if subsample and subsample > 1 and n0 > 1000 * subsample else flat
+    sub = sub.astype(np.float64)
+    if not np.isfinite(sub).all():
+        sub = sub[np.isfinite(sub)]
+    if sub.size == 0:
+        return clipped_stats(flat, nsigma, maxiters, center=center)
+    c, threshold, ksub = _clip_bounds(sub, nsigma, maxiters, center)
+    median = float(np.median(ksub))
+    if np.isfinite(threshold):
+        lo, hi = c - threshold, c + threshold
+        keep = (flat >= lo) & (flat <= hi)
+    else:
+        lo, hi = -np.inf, np.inf
+        keep = np.isfinite(flat)
+    n = int(np.count_nonzero(keep))
+    if n == 0:
+        nan = float("nan")
+        return ClippedStats(nan, median, nan, nan, nan, nan, 0, n0, float(lo), float(hi))
+    d = flat - flat.dtype.type(c)
+    s1 = float(np.sum(d, where=keep, dtype=np.float64))
+    np.multiply(d, d, out=d)
+    s2 = float(np.sum(d, where=keep, dtype=np.float64))
+    mean_d = s1 / n
+    var = max((s2 - n * mean_d * mean_d) / (n - 1), 0.0) if n > 1 else float("nan")
+    corr = clip_variance_correction(threshold, np.sqrt(var)) if np.isfinite(threshold) and var > 0 else 1.0
+    var_c = var * corr
+    return ClippedStats(mean=float(c + mean_d), median=median, std=float(np.sqrt(var)), var=var, var_corrected=var_c,
+                        std_corrected=float(np.sqrt(var_c)), n=n, n_rejected=int(n0 - n), lo=float(lo), hi=float(hi))
