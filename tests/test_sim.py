@@ -472,7 +472,7 @@ def test_hk_nominal_within_limits_and_injection():
 
 def test_charge_injection_and_point_sources():
     from services.sim.injection import injection_level_adu
-    from services.sim.physics import SPOT_POSITIONS
+    from services.sim.physics import SPOTS_PER_QUADRANT
 
     model = DetectorModel(PhysicsConfig(), "BORN", seed=6)
     qt = model.truth["CCD1"].quadrants["E"]
@@ -492,25 +492,27 @@ def test_charge_injection_and_point_sources():
     ch = chamber_profile("CHAMBER_A_JUN18")
     regs = FrameSpec(test="PSF01_800", values={"source": "point", "mirr_on": 1, "mirr_pos": 86.0, "exptime": 0.8}).registers()
     exp = exposure_conditions(regs, frame_kind(regs), ch)
-    assert exp.kind == "point" and exp.fwhm0_px == pytest.approx(1.5) and exp.defocus_disk_px == 0
+    assert exp.kind == "point" and exp.fwhm0_px == pytest.approx(1.5) and exp.mirror_mm == exp.mirror_nominal_mm == 86.0
     res = model.simulate_quadrant("CCD1", "E", exp, model.rng("pt"), Geometry())
-    assert len(res.info["spots"]) == len(SPOT_POSITIONS) == 5
+    pt = model.truth["CCD1"].point
+    assert len(res.info["spots"]) == SPOTS_PER_QUADRANT == 5 and abs(pt.z_best_offset_mm) <= 0.06
     expected_peak = 0.8 / ch["tFWC_point"]["nm800"] * FULL_SCALE_ADU * REFERENCE_GAIN / qt.gain_e_per_adu
     sums = []
-    for spot in res.info["spots"]:
+    for spot, x, y in zip(res.info["spots"], pt.quadrants["E"].x, pt.quadrants["E"].y):
         r, c = int(round(spot["row"])), int(round(spot["col"]))
+        assert (spot["x"], spot["y"]) == (x, y) and c == int(round(x)) + PRESCAN_COLS
         stamp = res.data[r - 8:r + 9, c - 8:c + 9] - qt.offset_adu
-        assert np.unravel_index(np.argmax(stamp), stamp.shape) in {(8, 8), (7, 8), (8, 7), (9, 8), (8, 9)}
+        assert np.unravel_index(np.argmax(stamp), stamp.shape) == (8, 8)  # centres within 0.2 px of a pixel centre
         assert stamp.max() == pytest.approx(spot["peak_adu"], rel=0.05)
-        assert stamp.max() == pytest.approx(expected_peak, rel=0.35)  # spot centres between pixels
-        assert 1.5 < spot["fwhm_core_px"] < 1.5 * 1.05  # brighter-fatter widening at half scale
+        assert stamp.max() == pytest.approx(expected_peak, rel=0.2)
+        assert spot["fwhm_px"] > 1.5  # pixel-sampled, brighter-fatter widening
         sums.append((res.data[r - 25:r + 26, c - 25:c + 26] - qt.offset_adu).sum())
     assert np.mean(sums) == pytest.approx(res.info["spot_flux_e"] / qt.gain_e_per_adu, rel=0.01)
     defocused = exposure_conditions({**regs, "mirr_pos": 86.8}, "point", ch)
-    assert defocused.defocus_disk_px == pytest.approx(0.8 * 4.0)
     res2 = model.simulate_quadrant("CCD1", "E", defocused, model.rng("pt2"), Geometry())
     assert res2.info["spot_flux_e"] == pytest.approx(res.info["spot_flux_e"])  # defocus keeps the flux
     assert res2.info["spots"][2]["peak_adu"] < 0.5 * res.info["spots"][2]["peak_adu"]
+    assert res2.info["fwhm_optical_px"] == pytest.approx(1.5 * np.sqrt(1 + ((0.8 - pt.z_best_offset_mm) / 0.2) ** 2))
 
 
 def test_persistence_test_saturation_fraction():

@@ -247,7 +247,6 @@ def exposure_conditions(
     kind: FrameKind,
     chamber: Mapping[str, Any],
     drift_factor: float = 1.0,
-    defocus_px_per_mm: float = 4.0,
 ) -> Exposure:
     """Physics conditions of a frame from its register values and the chamber profile."""
     exptime = float(registers.get("exptime", 0) or 0)
@@ -269,7 +268,7 @@ def exposure_conditions(
         fwhm0 = float(chamber.get("fwhm_lambda", {}).get(f"nm{nm}", 2.0))
         pos = f"F{int(float(registers.get('wave', 4)))}"
         nominal = float(chamber.get("mirror_nom", {}).get(pos, registers.get("mirr_pos", 0)))
-        defocus = float(registers.get("mirr_pos", nominal)) - nominal
         exp.fwhm0_px = fwhm0
-        exp.defocus_disk_px = abs(defocus) * defocus_px_per_mm
+        exp.mirror_nominal_mm = nominal
+        exp.mirror_mm = float(registers.get("mirr_pos", nominal))
     return exp

@@ -42,7 +42,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy.special import erf
 
 from shared.geometry import CCDS, IMAGE_COLS, IMAGE_ROWS, PRESCAN_COLS, QUADRANTS, Geometry
-from services.sim import effects, injection
+from services.sim import crosstalk as xtalk
+from services.sim import effects, injection, spots as simspots
+from services.sim import persistence as simpersist
 from services.sim.injection import InjectionTruth, SerialTrap, VerticalTrap
 from shared.refdata import block_offsets
 
@@ -88,10 +90,19 @@ class PhysicsConfig(BaseModel):
     hot_pixel_range_e_per_s: tuple[float, float] = (5.0, 100.0)
     bad_columns: int = Field(0, ge=0, description="bad columns per CCD (half dead, half hot)")
     cosmic_rate: float = Field(0.0, ge=0, description="cosmic rays per cm^2 per s (ground ~0.02); 0 disables")
-    point_fwhm_growth: float = Field(0.05, ge=0, description="relative spot FWHM growth at 2^16 ADU peak (BF on spots)")
-    point_halo_fraction: float = Field(0.6, ge=0, lt=1, description="fraction of a spot's flux in a wide Gaussian halo (optical wings)")
-    point_halo_scale: float = Field(5.0, ge=1, description="halo FWHM / core FWHM")
-    defocus_px_per_mm: float = Field(4.0, gt=0, description="diameter (px) of the defocused pupil disk per mm of mirror defocus")
+    point_bf_slope_range_px_per_10k: tuple[float, float] = Field((0.010, 0.020), description="brighter-fatter on spots: per-quadrant "
+                                                                  "growth of the pixel-sampled FWHM per 10 000 ADU of amplitude (px)")
+    point_ellipticity_range: tuple[float, float] = Field((0.02, 0.08), description="per-quadrant spot ellipticity e (sigma_x^2 = s^2 (1 + e))")
+    focus_offset_range_mm: tuple[float, float] = Field((-0.06, 0.06), description="per-CCD best focus z_best - mirror_nom (mm)")
+    far_defocus_mm: float = Field(1.5, gt=0, description="beyond this |mirr_pos - z_best| (mm) a spot is a geometric pupil disk "
+                                  "(PERSIST01's saturating exposure), not the near-focus Gaussian")
+    defocus_px_per_mm: float = Field(4.0, gt=0, description="far defocus: pupil-disk diameter (px) per mm of defocus")
+    point_halo_fraction: float = Field(0.6, ge=0, lt=1, description="far defocus: fraction of the flux in the optical wings")
+    point_halo_scale: float = Field(5.0, ge=1, description="far defocus: wing FWHM / in-focus FWHM")
+    crosstalk: bool = Field(True, description="optical crosstalk between the 12 quadrants in point-source frames")
+    persistence: bool = Field(True, description="persistence of pixels saturated by a point-source exposure in the following darks")
+    ramp_slope_adu_per_row: float = Field(20.0, description="MOT_WARM ROE ramp frame (comments RAMP): ramp slope (ADU per row)")
+    ramp_nl_pct: float = Field(0.4, description="MOT_WARM ROE ramp: quadratic non-linearity (% of the ramp at its top row)")
     # --- effects physically different from the analyses' models (services/sim/effects.py); the
     # defaults keep the legacy behaviour, PhysicsConfig.realistic() turns them all on
     bf_model: Literal["kernel", "boundary"] = Field("kernel", description="brighter-fatter: 'kernel' (legacy: the exponential PTC "
@@ -197,6 +208,8 @@ class CCDTruth(BaseModel):
     bad_columns: list[BadColumn] = []
     vertical_traps: dict[str, list[VerticalTrap]] = Field(default_factory=dict, description="per quadrant; x, y image-area (canonical)")
     serial_traps: dict[str, list[SerialTrap]] = Field(default_factory=dict, description="per quadrant; x image column (canonical)")
+    point: simspots.PointTruth | None = Field(None, description="point-source mask, focus and spot profile (services/sim/spots.py)")
+    persistence: dict[str, simpersist.PersistenceTruth] = Field(default_factory=dict, description="per quadrant (services/sim/persistence.py)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,6 +294,29 @@ def shot_noise(lam: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     dev = rng.standard_normal(lam.shape, dtype=np.float32)
     dev *= np.sqrt(np.maximum(lam, 0))
     return dev
+
+
+def shot_noise_sparse(lam: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Like :func:`shot_noise` (exact Poisson) for a mostly uniform faint image (point-source
+    frames: spots on a dark-current floor), in a fraction of the time: the pixels above the floor
+    ``b = min(lam)`` are drawn one by one; the floor's events elsewhere are a Poisson total
+    ``Poisson(b n)`` placed uniformly (the same distribution: independent Poisson(b) counts)."""
+    lam = np.asarray(lam, dtype=np.float32)
+    flat = lam.reshape(-1)
+    base = max(float(flat.min()), 0.0)
+    idx = np.flatnonzero(flat > np.float32(base))
+    dev = np.full(flat.shape, -base, dtype=np.float32)
+    rest = flat.size - idx.size
+    if base > 0 and rest:
+        k = int(rng.poisson(base * rest))
+        if k:
+            mask = np.ones(flat.size, bool)
+            mask[idx] = False
+            where = np.flatnonzero(mask)[rng.integers(0, rest, k)]
+            np.add.at(dev, where, np.float32(1.0))
+    if idx.size:
+        dev[idx] = rng.poisson(np.maximum(flat[idx], 0)).astype(np.float32) - flat[idx]
+    return dev.reshape(lam.shape)
 
 
 def _accumulate_rows(arr: np.ndarray, ufunc: np.ufunc) -> None:
@@ -449,56 +485,6 @@ def cosmic_rays(
     return [(int(a), int(b)) for a, b in zip(r0.astype(int), c0.astype(int))]
 
 
-def _pixel_integral(lo_edges: np.ndarray, centre: float, sigma: float) -> np.ndarray:
-    a = (lo_edges - centre) / (math.sqrt(2) * sigma)
-    return 0.5 * (erf(a + 1 / (math.sqrt(2) * sigma)) - erf(a))
-
-
-def centre_fraction(fwhm: float) -> float:
-    """Fraction of a circular Gaussian's flux in its central pixel (centred on the pixel)."""
-    sigma = fwhm / 2.3548200450309493
-    return float(_pixel_integral(np.array([-0.5]), 0.0, sigma)[0] ** 2)
-
-
-def gaussian_spot(shape: tuple[int, int], row: float, col: float, fwhm: float, flux: float, half: int | None = None) -> tuple[slice, slice, np.ndarray]:
-    """A pixel-integrated circular Gaussian of ``fwhm`` (px) and total ``flux`` centred at
-    (row, col) (pixel centres at integers): returns (row slice, col slice, stamp)."""
-    sigma = fwhm / 2.3548200450309493
-    half = half or max(int(np.ceil(5 * sigma)), 3)
-    r0, c0 = int(round(row)), int(round(col))
-    rs = slice(max(r0 - half, 0), min(r0 + half + 1, shape[0]))
-    cs = slice(max(c0 - half, 0), min(c0 + half + 1, shape[1]))
-    pr = _pixel_integral(np.arange(rs.start, rs.stop) - 0.5, row, sigma)
-    pc = _pixel_integral(np.arange(cs.start, cs.stop) - 0.5, col, sigma)
-    return rs, cs, (np.outer(pr, pc) * flux).astype(np.float32)
-
-
-def spot_stamp(shape: tuple[int, int], row: float, col: float, fwhm: float, disk_px: float, flux: float) -> tuple[slice, slice, np.ndarray]:
-    """A point-source image: a uniform pupil disk of diameter ``disk_px`` (defocus; 5 x 5
-    sub-pixel sampling) convolved with a Gaussian core of ``fwhm``, total ``flux``. A disk
-    below half a pixel is the pixel-integrated Gaussian alone."""
-    if disk_px < 0.5:
-        return gaussian_spot(shape, row, col, fwhm, flux)
-    from scipy.ndimage import gaussian_filter
-
-    sigma = fwhm / 2.3548200450309493
-    half = int(np.ceil(disk_px / 2 + 5 * sigma)) + 1
-    r0, c0 = int(round(row)), int(round(col))
-    rr = np.arange(r0 - half, r0 + half + 1)
-    cc = np.arange(c0 - half, c0 + half + 1)
-    sub = (np.arange(5) - 2) / 5.0
-    dr = (rr[:, None] + sub[None, :]).reshape(-1) - row
-    dc = (cc[:, None] + sub[None, :]).reshape(-1) - col
-    inside = (dr[:, None] ** 2 + dc[None, :] ** 2) <= (disk_px / 2) ** 2
-    disk = inside.reshape(rr.size, 5, cc.size, 5).sum(axis=(1, 3)).astype(np.float64)
-    stamp = gaussian_filter(disk, sigma, mode="constant", truncate=5.0)
-    stamp *= flux / stamp.sum()
-    rs = slice(max(rr[0], 0), min(rr[-1] + 1, shape[0]))
-    cs = slice(max(cc[0], 0), min(cc[-1] + 1, shape[1]))
-    stamp = stamp[rs.start - rr[0]: rs.stop - rr[0], cs.start - cc[0]: cs.stop - cc[0]]
-    return rs, cs, stamp.astype(np.float32)
-
-
 # --------------------------------------------------------------------------------------------
 # The detector model (truth + fixed maps) and one frame
 # --------------------------------------------------------------------------------------------
@@ -516,9 +502,12 @@ class Exposure:
     vstart: int = 0
     vend: int = 2086
     point_peak_e: float = 0.0  # peak (e-) of an in-focus spot (FWHM fwhm0_px): sets the spot flux
-    fwhm0_px: float = 2.0  # in-focus optical FWHM (Gaussian core)
-    defocus_disk_px: float = 0.0  # diameter of the defocused pupil disk the core is convolved with
+    fwhm0_px: float = 2.0  # fwhm_lambda: in-focus optical FWHM (px) at this wavelength
+    mirror_mm: float = 0.0  # focus mirror position mirr_pos (mm)
+    mirror_nominal_mm: float = 0.0  # the chamber's mirror_nom for the filter (mm); z_best = this + the CCD's offset
     values: dict[str, Any] = field(default_factory=dict)  # all exposure-log values (injection etc.)
+    #: persistence excess of a dark per (CCD, Q): (image-area flat indices, e- per pixel), set by the runner
+    persistence: dict[tuple[str, str], tuple[np.ndarray, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -551,6 +540,8 @@ class DetectorModel:
         self.block = block
         self.seed = int(seed)
         self.truth: dict[str, CCDTruth] = self._draw_truth()
+        #: optical crosstalk {source "CCD1.E": {victim: c}} of the block (services/sim/crosstalk.py)
+        self.crosstalk: dict[str, dict[str, float]] = xtalk.draw_crosstalk(self.rng("crosstalk"))
         self._response: dict[tuple[str, str], np.ndarray] = {}
         self._dark: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._fixed: dict[tuple, np.ndarray] = {}  # bias structure, ADC code tables (fixed per quadrant)
@@ -564,6 +555,7 @@ class DetectorModel:
         cfg = self.config
         ref = block_offsets(self.block)
         bf = bf_coefficients(cfg.bf_a00, cfg.bf_anisotropy)
+        positions = simspots.draw_positions(self.rng("spot_positions"))
         truth: dict[str, CCDTruth] = {}
         for ccd in CCDS:
             rng = self.rng("truth", ccd)
@@ -617,7 +609,17 @@ class DetectorModel:
             vertical, serial = {}, {}
             for q in QUADRANTS:
                 vertical[q], serial[q] = injection.draw_traps(self.rng("traps", ccd, q), cfg.traps_vertical, cfg.traps_serial)
-            truth[ccd] = CCDTruth(quadrants=quads, hot_pixels=hot, bad_columns=bad, vertical_traps=vertical, serial_traps=serial)
+            point = simspots.PointTruth(
+                z_best_offset_mm=round(float(self.rng("focus", ccd).uniform(*cfg.focus_offset_range_mm)), 4),
+                quadrants={q: simspots.QuadSpots(
+                    x=[float(v) for v in positions[CCDS.index(ccd) * 4 + k, :, 0]],
+                    y=[float(v) for v in positions[CCDS.index(ccd) * 4 + k, :, 1]],
+                    ellipticity=round(float(self.rng("spot_shape", ccd, q).uniform(*cfg.point_ellipticity_range)), 4),
+                    bf_slope_px_per_10k=round(float(self.rng("spot_bf", ccd, q).uniform(*cfg.point_bf_slope_range_px_per_10k)), 5))
+                    for k, q in enumerate(QUADRANTS)})
+            persist = {q: simpersist.draw_persistence(self.rng("persistence", ccd, q)) for q in QUADRANTS}
+            truth[ccd] = CCDTruth(quadrants=quads, hot_pixels=hot, bad_columns=bad, vertical_traps=vertical, serial_traps=serial,
+                                  point=point, persistence=persist)
         return truth
 
     # -- fixed maps ------------------------------------------------------------------------
@@ -700,32 +702,23 @@ class DetectorModel:
             lam = self.response(ccd, q) * np.float32(exp.flux_e_per_s * lit)
             info["illumination_s"] = lit
         elif exp.kind == "point":
-            lam = np.zeros((IMAGE_ROWS, IMAGE_COLS), dtype=np.float32)
-            spots = []
-            h, k = self.config.point_halo_fraction, self.config.point_halo_scale
-            # in focus, centred on a pixel, the peak is point_peak_e
-            flux = exp.point_peak_e / ((1 - h) * centre_fraction(exp.fwhm0_px) + h * centre_fraction(k * exp.fwhm0_px))
-
-            def render(r: float, c: float, fwhm: float) -> tuple[slice, slice, np.ndarray]:
-                rs, cs, core = spot_stamp(lam.shape, r, c, fwhm, exp.defocus_disk_px, (1 - h) * flux)
-                if h > 0:
-                    hrs, hcs, halo = spot_stamp(lam.shape, r, c, k * fwhm, exp.defocus_disk_px, h * flux)
-                    halo[rs.start - hrs.start: rs.stop - hrs.start, cs.start - hcs.start: cs.stop - hcs.start] += core
-                    return hrs, hcs, halo
-                return rs, cs, core
-
-            for fr, fc in SPOT_POSITIONS:
-                r, c = fr * IMAGE_ROWS, fc * IMAGE_COLS
-                stamp = render(r, c, exp.fwhm0_px)[2]
-                # brighter-fatter on spots: the core widens with the peak level
-                peak_adu = min(float(stamp.max()) / t.gain_e_per_adu, t.full_well_adu)
-                fwhm = exp.fwhm0_px * (1.0 + self.config.point_fwhm_growth * peak_adu / FULL_SCALE_ADU)
-                rs, cs, stamp = render(r, c, fwhm)
-                lam[rs, cs] += stamp
-                spots.append({"row": round(r, 2), "col": round(c + PRESCAN_COLS, 2), "fwhm_core_px": round(fwhm, 4),
-                              "peak_adu": round(float(stamp.max()) / t.gain_e_per_adu, 1)})
-            info["spot_flux_e"] = flux
-            info["defocus_disk_px"] = exp.defocus_disk_px
+            pt = self.truth[ccd].point
+            z_best = exp.mirror_nominal_mm + pt.z_best_offset_mm
+            cfg = self.config
+            fwhm_opt = simspots.fwhm_optical(exp.fwhm0_px, exp.mirror_mm, z_best)
+            if abs(exp.mirror_mm - z_best) > cfg.far_defocus_mm:
+                disk = abs(exp.mirror_mm - z_best) * cfg.defocus_px_per_mm
+                lam, spots, flux_e = simspots.render_defocused(pt.quadrants[q], exp.fwhm0_px, disk, exp.point_peak_e,
+                                                               cfg.point_halo_fraction, cfg.point_halo_scale)
+                info["spot_flux_e"] = flux_e
+                info["defocus_disk_px"] = round(disk, 3)
+            else:
+                # in focus, without brighter-fatter, centred on a pixel, the peak is point_peak_e
+                flux_adu = exp.point_peak_e / simspots.centre_fraction(exp.fwhm0_px) / t.gain_e_per_adu
+                lam, spots = simspots.render_spots(pt.quadrants[q], fwhm_opt, flux_adu, t.gain_e_per_adu)
+                info["spot_flux_e"] = flux_adu * t.gain_e_per_adu
+            info["z_best_mm"] = round(z_best, 4)
+            info["fwhm_optical_px"] = round(fwhm_opt, 5)
             info["spots"] = spots
         elif exp.kind == "chinj":
             lam, extra = injection.injection_charge(exp.values, q, int(ccd[-1]), t.injection, t.gain_e_per_adu,
@@ -740,6 +733,13 @@ class DetectorModel:
             rows, cols, rates = self.dark_sources(ccd, q)
             if rows.size:
                 np.add.at(lam, (rows, cols), rates * np.float32(dark_time))
+            excess = exp.persistence.get((ccd, q)) if exp.kind == "dark" else None
+            if excess is not None:
+                idx, e_per_px = excess
+                lam.reshape(-1)[idx] += np.float32(e_per_px)
+                info["persistence_e"] = round(float(e_per_px), 4)
+                info["persistence_adu"] = round(float(e_per_px) / t.gain_e_per_adu, 4)
+                info["persistence_pixels"] = int(idx.size)
         if self.config.dark_during_readout and exp.readout_time > 0:
             t_row = exp.readout_time / max(exp.vend - exp.vstart, 1)
             extra = effects.readout_dark_rows(t.dark_e_per_s, t_row)
@@ -765,9 +765,11 @@ class DetectorModel:
             if boundary:  # brighter-fatter by pixel-boundary shifts while the charge is collected
                 charge = effects.deposit_boundary_shifts(lam, t.bf.a10, t.bf.a01, rng, cfg.bf_steps)
             else:
-                charge = shot_noise(lam, rng)
+                sparse = exp.kind == "point" and mu < POISSON_EXACT_BELOW
+                charge = shot_noise_sparse(lam, rng) if sparse else shot_noise(lam, rng)
                 kernel = bf_kernel(mu, t.bf)
-                charge = apply_bf(charge, kernel)
+                if not sparse or max(kernel[1], kernel[2]) > 1e-6:  # a point frame's mean fluence leaves h ~ identity
+                    charge = apply_bf(charge, kernel)
                 charge += lam
             if exp.kind == "chinj":
                 info.update(self.pump(ccd, q, charge, exp, rng))
@@ -808,6 +810,15 @@ class DetectorModel:
                          geometry: Geometry, exp: Exposure) -> None:
         """Serial-CTI trail into the overscan, bias structure, row noise and ADC DNL (in place)."""
         cfg = self.config
+        if exp.kind == "bias" and str(exp.values.get("comments", "")).strip().upper() == "RAMP" and cfg.ramp_slope_adu_per_row:
+            # MOT_WARM ROE ramp: the video chain sees a ramp along the rows (whole rows, prescan included)
+            rows = np.arange(data.shape[0], dtype=np.float32)
+            top = float(max(exp.vend - exp.vstart, 1))
+            ramp = np.float32(cfg.ramp_slope_adu_per_row) * rows * (1 + np.float32(cfg.ramp_nl_pct / 100.0) * rows / np.float32(top))
+            window = slice(max(exp.vstart, 0), min(exp.vend, data.shape[0]))
+            data[window] += ramp[window, None]
+            info["ramp_slope_adu_per_row"] = cfg.ramp_slope_adu_per_row
+            info["ramp_nl_pct"] = cfg.ramp_nl_pct
         trail = info.pop("_serial_trail_adu", None)
         if trail is not None:
             data[: trail.shape[0], PRESCAN_COLS + IMAGE_COLS] += trail[: geometry.quad_rows]
@@ -827,5 +838,5 @@ class DetectorModel:
             data[window] = effects.apply_dnl(data[window], self._fixed[key])
 
 
-#: Point-source positions (fractions of the canonical image area rows, cols): 5 per quadrant.
-SPOT_POSITIONS: tuple[tuple[float, float], ...] = ((0.25, 0.25), (0.25, 0.75), (0.5, 0.5), (0.75, 0.25), (0.75, 0.75))
+#: Spots per quadrant (positions are drawn per block: ``DetectorModel.truth[ccd].point``).
+SPOTS_PER_QUADRANT = simspots.SPOTS_PER_QUADRANT

@@ -41,6 +41,8 @@ from services.sim.frames import (
     wavelength_nm,
 )
 from services.sim import effects
+from services.sim import crosstalk as xtalk
+from services.sim import persistence as simpersist
 from services.sim.physics import DetectorModel, PhysicsConfig
 from shared.explog import explog_header, format_explog_row
 from shared.filenames import (
@@ -154,11 +156,24 @@ MODEL_NOTES = {
     "cosmic_rays": "rate per cm^2 per s over exptime + readout time; straight tracks of 1-12 px",
     "chinj": "injected lines (chinj_on on / chinj_of off) at 600 + max(0, IG2 - IG1) x 6000 ADU, "
     "logistic cut-off at IDL = IG1 + 7.5 V, 2 % per-column non-uniformity; no traps simulated",
-    "point": "5 spots per quadrant (SPOT_POSITIONS, canonical image-area fractions; recorded per frame): a "
-    "Gaussian core of FWHM fwhm_lambda (chamber) x (1 + point_fwhm_growth x peak / 2^16 ADU) convolved with a "
-    "uniform pupil disk of diameter |mirr_pos - mirror_nom| x defocus_px_per_mm, plus a halo (point_halo_fraction "
-    "of the flux, FWHM x point_halo_scale) convolved alike; flux such that an in-focus "
-    "spot centred on a pixel peaks at exptime / tFWC_point x 2^16 ADU (reference gain)",
+    "point": "5 spots per quadrant at positions drawn per block (ccds.<CCD>.point.quadrants.<Q>.x/y, canonical image-area "
+    "px, prescan excluded; all 60 >= 150 px apart in canonical coordinates); an axis-aligned pixel-integrated Gaussian with "
+    "optical FWHM(z) = fwhm_lambda sqrt(1 + ((z - z_best)/0.2 mm)^2), z = mirr_pos, z_best = mirror_nom + z_best_offset_mm "
+    "(per CCD), sigma_x^2 = s^2 (1 + e), sigma_y^2 = s^2 (1 - e); pixel-sampled FWHM = 2.3548 sqrt(s^2 + 1/12); brighter-"
+    "fatter: pixel-sampled FWHM = F0 + bf_slope_px_per_10k x amplitude / 1e4 (amplitude = flux / (2 pi sx_p sy_p), ADU); "
+    "flux such that the in-focus spot without BF centred on a pixel peaks at exptime / tFWC_point x 2^16 ADU (reference "
+    "gain); per frame and quadrant 'spots' gives each spot's fwhm_x_px, fwhm_y_px, fwhm_px (pixel-sampled), e1, e2, "
+    "amplitude_adu, fluence_adu. Beyond physics.far_defocus_mm from z_best (PERSIST01's saturating exposure) a spot is a "
+    "pupil disk of |dz| x defocus_px_per_mm px convolved with the core and wings (point_halo_fraction of the flux)",
+    "crosstalk": "optical crosstalk (truth 'crosstalk': {source: {victim: c}}, 'crosstalk_requirement_met': {victim: bool}) "
+    "in point-source frames: victim += c x (source - source offset) at the same canonical array position, inside the boxes "
+    "of the source's spots; applied after the 3 CCDs are simulated (services/sim/crosstalk.py)",
+    "persistence": "pixels digitised to 65535 in a point-source exposure release R0 exp(-t/tau) e-/s (ccds.<CCD>.persistence."
+    "<Q>) into the following darks, t = s since that exposure ended; per dark frame and quadrant persistence_adu (excess "
+    "per masked pixel), persistence_pixels, persistence_t_mid_s (services/sim/persistence.py); a point frame records "
+    "n_saturated per quadrant",
+    "ramp": "MOT_WARM ROE ramp frame (comments RAMP): every read row y gets ramp_slope_adu_per_row x y x (1 + ramp_nl_pct/100 x "
+    "y / (vend - vstart)) on top of the bias",
     "readout_window": "rows outside [vstart, vend) are 0 (not read out)",
     "effects": "with physics.bf_model 'boundary' the brighter-fatter effect is a charge-dependent pixel-boundary "
     "shift during collection (area 1 + sum_n a_n (Q_n - Q_p), midpoint scheme; no expected_cov_e2 then); "
@@ -168,7 +183,7 @@ MODEL_NOTES = {
     "bias_fixed_rms_adu / bias_ramp_adu: a fixed pattern in every frame; row_noise_adu: an offset per row and "
     "frame; adc_dnl_rms: code widths 1 + d_k; dark_during_readout: row y collects y x readout_row_time_s more; "
     "illum_ripple_pct: 1 + A sin(2 pi x / P) cos(2 pi y / 1.3 P); see services/sim/effects.py",
-    "not_simulated": "traps (trap-pumping frames carry the injection only), persistence, crosstalk, offset drifts",
+    "not_simulated": "offset drifts; crosstalk and persistence outside point-source frames and darks",
 }
 
 
@@ -186,6 +201,7 @@ class Simulator:
         self._sleep = sleep
         self.truth = self._load_truth()
         self._truth_written = 0.0
+        self.persistence = simpersist.PersistenceState()  # masks of the latest saturating point exposure
 
     # -- truth -----------------------------------------------------------------------------
     def _model_truth(self) -> dict[str, Any]:
@@ -198,6 +214,9 @@ class Simulator:
             "geometry": {"overscan": self.opts.overscan, "naxis2": self.opts.naxis2},
             "physics": self.physics.model_dump(mode="json"),
             "ccds": {ccd: t.model_dump(mode="json") for ccd, t in self.model.truth.items()},
+            "crosstalk": self.model.crosstalk,
+            "crosstalk_requirement_met": {v: xtalk.requirement_met({s: c[v] for s, c in self.model.crosstalk.items() if v in c})
+                                          for v in xtalk.labels()},
         }
 
     def _load_truth(self) -> dict[str, Any]:
@@ -271,13 +290,43 @@ class Simulator:
         if delay > 0:
             self._sleep(delay)
 
-    def _simulate_ccd(self, ccd: str, obsid: int, exposure, geometry) -> tuple[np.ndarray, dict]:
+    def _simulate_ccd(self, ccd: str, obsid: int, exposure, geometry) -> tuple[dict[str, np.ndarray], dict]:
         quads, infos = {}, {}
         for q in QUADRANTS:
             res = self.model.simulate_quadrant(ccd, q, exposure, self.model.rng("frame", obsid, ccd, q), geometry)
             quads[q] = res.data
             infos[q] = res.info
-        return assemble(quads, geometry), infos
+        return quads, infos
+
+    def _persistence_for(self, exposure, t0: datetime) -> dict[tuple[str, str], float]:
+        """Set the persistence excess of a dark from the latest saturating exposure; returns the
+        seconds since saturation at mid-dark per (CCD, Q)."""
+        t_mid: dict[tuple[str, str], float] = {}
+        if exposure.kind != "dark" or not self.physics.persistence or exposure.exptime <= 0:
+            return t_mid
+        start = t0.timestamp()
+        for ccd in CCDS:
+            for q in QUADRANTS:
+                got = self.persistence.excess(ccd, q, self.model.truth[ccd].persistence[q], start, start + exposure.exptime)
+                if got is not None:
+                    exposure.persistence[(ccd, q)] = (got[0], got[1])
+                    t_mid[(ccd, q)] = got[2]
+        return t_mid
+
+    def _point_effects(self, results: dict[str, tuple[dict, dict]], exposure, t0: datetime) -> None:
+        """Crosstalk between the 12 quadrants, then the saturation masks left for persistence."""
+        if exposure.kind != "point":
+            return
+        quads = {ccd: r[0] for ccd, r in results.items()}
+        if self.physics.crosstalk:
+            xtalk.apply_point_crosstalk(self.model, quads, {ccd: r[1] for ccd, r in results.items()})
+        end = t0.timestamp() + exposure.exptime
+        for ccd, (qd, infos) in results.items():
+            for q in qd:
+                idx = simpersist.saturated_indices(qd[q])
+                infos[q]["n_saturated"] = int(idx.size)
+                if self.physics.persistence:
+                    self.persistence.record(ccd, q, idx, end)
 
     def _one_frame(self, spec: FrameSpec, obsid: int, t0: datetime, sim_start: datetime, wall0: float, pool) -> dict:
         opts = self.opts
@@ -295,7 +344,8 @@ class Simulator:
         if cfg.flux_jitter_pct and kind in ("flat", "point"):
             jitter = 1.0 + cfg.flux_jitter_pct / 100.0 * float(self.model.rng("jitter", obsid).standard_normal())
         drift *= jitter
-        exposure = exposure_conditions(regs, kind, self.chamber, drift, self.physics.defocus_px_per_mm)
+        exposure = exposure_conditions(regs, kind, self.chamber, drift)
+        t_mid = self._persistence_for(exposure, t0)
 
         # HK over the frame
         times = simhk.sample_times(t0, dur, opts.hk_period_s)
@@ -312,7 +362,11 @@ class Simulator:
             folder = self.root / day_folder_name(t.date())
             folder.mkdir(exist_ok=True)
             _append(folder / hk_daily_name(t.date(), opts.roe), format_hk_row(t, row), hk_header())
-        results = {ccd: f.result() for ccd, f in futures.items()}
+        parts = {ccd: f.result() for ccd, f in futures.items()}
+        self._point_effects(parts, exposure, t0)
+        for (ccd, q), t in t_mid.items():
+            parts[ccd][1][q]["persistence_t_mid_s"] = round(t, 2)
+        results = {ccd: (assemble(qd, geometry), infos) for ccd, (qd, infos) in parts.items()}
         gen_s = _time.perf_counter() - tic
         self._wait_until(wall0, sim_start, t0 + timedelta(seconds=dur))
 
@@ -361,7 +415,7 @@ class Simulator:
         }
         if kind == "point":
             record["fwhm0_px"] = exposure.fwhm0_px
-            record["defocus_disk_px"] = exposure.defocus_disk_px
-            record["mirror_nominal_mm"] = float(self.chamber["mirror_nom"].get(f"F{int(float(regs.get('wave', 4)))}", 0))
+            record["mirror_mm"] = exposure.mirror_mm
+            record["mirror_nominal_mm"] = exposure.mirror_nominal_mm
             record["point_peak_e"] = exposure.point_peak_e
         return record

@@ -31,6 +31,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from services.validator.specific_psf import assess_point_tests
 from shared.flags import Flag
 from shared.geometry import IMAGE_COLS, IMAGE_ROWS, PRESCAN_COLS, Geometry, quadrant
 from shared.injection import expected_injection_adu, injected_rows, well_injected_half
@@ -223,6 +224,7 @@ def assess_test_specific(
             tree.setdefault("flux", {})[ccd] = node
             if not node["passed"]:
                 flags |= Flag.FLUX_OOL
+    flags |= assess_point_tests(test, stats, rows, chamber, tree, notes)  # FOCUS00, PSF01/02, PERSIST01 (specific_psf)
     return tree, flags, notes
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from services.validator.checks import frame_stats
 from services.validator.specific import injection_stats
+from services.validator.specific_psf import add_spot_stats, is_point_frame
 from shared.checksum import sha256_file
 from shared.fitsio import FrameError, read_frame
 
@@ -33,6 +34,8 @@ def process_ccd(path: str, expected_sha256: str | None, vstart: int, vend: int,
     # 16-bit frames hold whole ADU in [0, 65535]: medians from histograms
     integer = int(frame.header.get("BITPIX", -32)) in (8, 16)
     stats = frame_stats(frame.data, vstart, vend, integer=integer)
+    if is_point_frame(frame.header):  # point-source frames: a few spot sizes for the FOCUS00 / PSF checks
+        add_spot_stats(frame.data, stats)
     extra: dict[str, Any] = {}
     if injection is not None:  # charge-injection frames: statistics of the injected lines
         extra["injection"] = injection_stats(frame.data, injection, stats)
