@@ -26,8 +26,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.analyzer.analysis import bf, flat, nl, ptc  # noqa: E402
-from services.analyzer.analysis.common import FrameInput  # noqa: E402
+from services.analyzer.families import bf  # noqa: E402
+from services.analyzer.families.ptc import FAMILY as PTC  # noqa: E402
+from services.analyzer.families.ptc.solve import solve_quadrants  # noqa: E402
+from services.analyzer.family import Calibrations, ExposureFrames  # noqa: E402
+from services.analyzer.model import FrameMeta  # noqa: E402
 from services.sim.physics import FULL_SCALE_ADU, REFERENCE_GAIN, DetectorModel, Exposure, PhysicsConfig  # noqa: E402
 from shared.fitsio import to_uint16  # noqa: E402
 from shared.geometry import CCDS, QUADRANTS, Geometry  # noqa: E402
@@ -46,8 +49,28 @@ def report(quantity: str, where: str, measured: float, truth: float, error: floa
     print(f"{quantity:<22} {where:<8} {measured:>13.6g} {truth:>13.6g} {error:>+10.4f} {unit:<4} {tgt:<9} {ok}", flush=True)
 
 
+class SimExposure(ExposureFrames):
+    """An exposure of the CCDs ``ccds`` whose canonical quadrants ``quads`` are simulated when
+    the extraction asks for them (one CCD at a time)."""
+
+    def __init__(self, model: DetectorModel, obsid: int, exptime: float, ccds: list[str], quads: list[str], tag: str):
+        metas = {c: FrameMeta(obsid=obsid, ccd=int(c[-1]), path=f"/sim/{tag}_{obsid}_{c}.fits", exptime=exptime, test="PTC01",
+                              values={"wave": 800}) for c in ccds}
+        super().__init__(obsid=obsid, block="BENCH", test="PTC01", frames=metas)
+        self.model, self.quads, self.tag = model, quads, tag
+
+    def quadrants(self, ccd: str) -> dict[str, np.ndarray]:
+        flux = FULL_SCALE_ADU * REFERENCE_GAIN / T_FWC
+        e = Exposure(kind="flat", exptime=self.exptime, flux_e_per_s=flux)
+        geo = Geometry()
+        return {q: to_uint16(self.model.simulate_quadrant(ccd, q, e, self.model.rng(self.tag, self.obsid - 1, ccd, q), geo).data)
+                .astype(np.float32) for q in self.quads}
+
+
 def lazy_flats(model: DetectorModel, ccd: str, quads: list[str], plan: list[tuple[float, str]], tag: str, drift_per_h: float = 0.0):
-    """FrameInputs simulated on load: plan = [(fraction of 2^16 ADU, comment)], 93.5 s + exptime apart."""
+    """FrameInputs simulated on load: plan = [(fraction of 2^16 ADU, comment)], 93.5 s + exptime apart
+    (the whole-test flat / NL analyses: their cases stay on ``services.analyzer.analysis`` until ported)."""
+    from services.analyzer.analysis.common import FrameInput
     geo = Geometry()
     flux = FULL_SCALE_ADU * REFERENCE_GAIN / T_FWC
     frames, t = [], 0.0
@@ -65,24 +88,27 @@ def lazy_flats(model: DetectorModel, ccd: str, quads: list[str], plan: list[tupl
 
 
 def bench_ptc(args, ccds: list[str], quads: list[str]) -> None:
+    """PTC01 through the PTC family's two stages (pair extractions, then the solve)."""
     fluences, nframes = PTC01
     if args.quick:
         nframes = [6] * 8 + [2] * 3
     model = DetectorModel(PhysicsConfig(), block="BENCH", seed=args.seed)
-    frames = []
-    plan = [(f, "FLU") for f, n in zip(fluences, nframes) for _ in range(n)]
-    for ccd in ccds:
-        frames += lazy_flats(model, ccd, quads, plan, "ptc")
+    plan = [f for f, n in zip(fluences, nframes) for _ in range(n)]
+    exposures = [SimExposure(model, k + 1, f * T_FWC, ccds, quads, "ptc") for k, f in enumerate(plan)]
     t0 = time.perf_counter()
-    an = ptc.analyse_ptc(frames, quadrants=quads)
+    params = PTC.parameters({})
+    exts = []
+    for _, inputs in PTC.units(exposures):
+        exts.append(PTC.run_extraction(inputs, Calibrations(), params))
+    sol, _ = solve_quadrants(exts, params)
     dt = time.perf_counter() - t0
-    print(f"# PTC01: {len(frames)} frames ({len(plan)} per CCD), {len(ccds)} CCD x {len(quads)} quadrants, "
-          f"simulation + analysis {dt:.0f} s")
+    print(f"# PTC01: {len(plan)} exposures ({len(exts)} pairs), {len(ccds)} CCD x {len(quads)} quadrants, "
+          f"simulation + extraction + solve {dt:.0f} s")
     bfp = bf.BFParams()
     for ccd in ccds:
         for q in quads:
             t = model.truth[ccd].quadrants[q]
-            qa = an.quads[ccd][q]
+            qa = sol[ccd][q]
             r = qa.result
             w = f"{ccd} {q}"
             report("gain (exp)", w, r.gain, t.gain_e_per_adu, 100 * (r.gain / t.gain_e_per_adu - 1), "%", 0.5)
@@ -96,8 +122,15 @@ def bench_ptc(args, ccds: list[str], quads: list[str]) -> None:
                 report("a01 (full cov)", w, r.a01_full, t.bf.a01, 100 * (r.a01_full / t.bf.a01 - 1), "%", None)
             report("noise (PTC)", w, r.noise_e, t.ron_e, 100 * (r.noise_e / t.ron_e - 1), "%", None)
             report("RON overscan", w, r.ron_ove_adu, t.ron_adu, 100 * (r.ron_ove_adu / t.ron_adu - 1), "%", None)
-            sat = min(t.full_well_adu, 65535 - t.offset_adu)
-            report("bloom level", w, r.bloom_adu, sat, 100 * (r.bloom_adu / sat - 1), "%", None)
+            adc = 65535 - t.offset_adu
+            report("ADC ceiling", w, r.adc_saturation_adu, adc, 100 * (r.adc_saturation_adu / adc - 1), "%", None)
+            if not r.full_well_is_lower_limit:
+                report("full well", w, r.full_well_adu, t.full_well_adu, 100 * (r.full_well_adu / t.full_well_adu - 1), "%", 2.0)
+            else:
+                print(f"{'full well':<22} {w:<8} {'>' + format(r.full_well_adu, '.6g'):>13} {t.full_well_adu:>13.6g} "
+                      f"(lower limit; limit reached: {r.saturation_limit})")
+            sat = min(t.full_well_adu, adc)
+            report("saturation level", w, r.saturation_adu, sat, 100 * (r.saturation_adu / sat - 1), "%", None)
             if qa.full is not None:
                 a_true = np.zeros_like(qa.full.a)
                 a_true[0, 0], a_true[1, 0], a_true[0, 1] = t.bf.a00, t.bf.a10, t.bf.a01
@@ -117,6 +150,8 @@ def bench_nl(args, ccds: list[str], quads: list[str]) -> None:
     ccd = ccds[0]
     frames = lazy_flats(model, ccd, quads, plan, "nl", drift_per_h=0.02)
     t0 = time.perf_counter()
+    from services.analyzer.analysis import nl
+
     an = nl.analyse_nl(frames, quadrants=quads)
     print(f"# NL01: {len(frames)} frames, {ccd} x {len(quads)} quadrants, 1 % NL at 90 % of 2^16 ADU, 2 %/h drift, "
           f"{time.perf_counter() - t0:.0f} s")
@@ -139,6 +174,8 @@ def bench_flat(args, ccds: list[str], quads: list[str]) -> None:
     n1, n2 = (6, 4) if args.quick else (20, 10)
     frames = lazy_flats(model, ccd, quads, [(0.25, "FLU")] * n1 + [(0.75, "FLU")] * n2, "flat")
     t0 = time.perf_counter()
+    from services.analyzer.analysis import flat
+
     an = flat.analyse_flat(frames, quadrants=quads)
     print(f"# FLAT01-like: {len(frames)} frames (25 % x {n1}, 75 % x {n2}), {ccd} x {len(quads)} quadrants, "
           f"{time.perf_counter() - t0:.0f} s")
