@@ -262,6 +262,69 @@ class TestStructureChecked(Event):
         return f"{self.kind}.{routing_word(self.test)}.{routing_word(self.block)}"
 
 
+class Reanalysis(BaseModel):
+    """Why an analysis was run again: the ``analysis.completed`` event it supersedes."""
+
+    of: uuid.UUID | None = Field(None, description="event_id of the analysis.completed this one supersedes.")
+    reason: str = Field(description="e.g. 'calibration gain from PTC01 arrived'.")
+
+
+class CalibrationUsed(BaseModel):
+    """Provenance of one calibration an analysis used (what another analysis provided)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(description="Calibration name (master_bias, gain, dark_mask, ptc_covariances, ...).")
+    test: str = Field(description="Test run that provided it (BIAS01, PTC01.2).")
+    event_id: str | None = Field(None, description="analysis.completed event id of the provider.")
+    produced_at: datetime | None = None
+    files: dict[str, str] = Field(default_factory=dict, description="Files used (absolute paths), by CCD or 'ALL'.")
+
+
+class AnalysisResults(BaseModel):
+    """The results document of one test analysis: what ``results.json`` holds and what
+    ``analysis.completed`` carries (the event adds the event fields; ``results.json`` adds the
+    per-frame rows and parameters)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    test: str = Field(description="Base test name (BIAS01).")
+    block: str
+    repeat: int | None = Field(None, description="Repeat number (None or 0: none).")
+    status: Literal["completed", "failed"] = "completed"
+    results: dict[str, Any] = Field(default_factory=dict, description="results[<CCD>][<Q>][key].")
+    products: list[str] = Field(default_factory=list, description="Product paths relative to the products root.")
+    obsids: list[int] = Field(default_factory=list, description="Input exposures.")
+    flags: int = 0
+    flag_names: list[str] = Field(default_factory=list)
+    error: str | None = None
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    reanalysis: Reanalysis | None = Field(None, description="Set when this analysis supersedes an earlier one.")
+    calibrations: list[CalibrationUsed] = Field(default_factory=list, description="Calibrations used.")
+
+
+class ResultsDocument(AnalysisResults):
+    """``results.json``: the shared results fields plus the run's details."""
+
+    schema_: str = Field("vison.results/2", alias="schema")
+    label: str = Field("", description="Test run label (BIAS01, BIAS01.2).")
+    n_frames: int = 0
+    expected_frames: int | None = None
+    input_flags: int = 0
+    input_flag_names: list[str] = Field(default_factory=list)
+    test_values: dict[str, Any] = Field(default_factory=dict)
+    summary: list[str] = Field(default_factory=list)
+    frames: list[dict[str, Any]] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+    duration_s: float | None = None
+    warnings: list[str] = Field(default_factory=list)
+    provides: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Calibrations this result provides: "
+                                                "{name: {values, files: {CCD|ALL: file name in this run's folder}}}.")
+    traceback: str | None = None
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
 class AnalysisCompleted(Event):
     """Results and products of one test analysis."""
 
@@ -277,19 +340,40 @@ class AnalysisCompleted(Event):
     flag_names: list[str] = Field(default_factory=list)
     error: str | None = None
     provenance: dict[str, Any] = Field(default_factory=dict)
+    reanalysis: Reanalysis | None = Field(None, description="Set when this analysis supersedes an earlier one "
+                                          "(a needed calibration arrived later).")
+    calibrations: list[CalibrationUsed] = Field(default_factory=list, description="Calibrations used (provenance).")
 
     def routing_key(self) -> str:
         return f"{self.kind}.{routing_word(self.test)}.{routing_word(self.block)}"
 
+    @classmethod
+    def of_results(cls, doc: AnalysisResults, **event_fields: Any) -> "AnalysisCompleted":
+        """The event of a results document (the shared fields are copied)."""
+        fields = {name: getattr(doc, name) for name in AnalysisResults.model_fields}
+        return cls(**{**fields, **event_fields})
+
 
 class MetatestCompleted(Event):
-    """FPA-level aggregates of one test family (bias, ptc, ...)."""
+    """FPA-level aggregates of one test family (bias, ptc, ...), published at once whenever a
+    block's result of that family arrives (missing FPA blocks listed, their values null). The
+    ``event_id`` is derived from ``inputs``: the same inputs give the same id."""
 
     kind: ClassVar[str] = "metatest.completed"
-    family: str
-    blocks: list[str] = Field(default_factory=list)
-    results: dict[str, Any] = Field(default_factory=dict)
-    products: list[str] = Field(default_factory=list)
+    family: str = Field(description="bias | dark | ptc | nl | bf | flat | cosmetics | chinj | tp | psf | persistence | warm")
+    blocks: list[str] = Field(default_factory=list, description="Blocks with input (FPA blocks and spares).")
+    missing: list[str] = Field(default_factory=list, description="FPA blocks without input (blank in the maps).")
+    results: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The maps: {quantity: {block: {CCD: {Q: value}}}} of the 12 FPA blocks (null = no value); "
+                    "`<key>_e` quantities in electrons (x the latest PTC01 gain).")
+    spares: dict[str, Any] = Field(
+        default_factory=dict,
+        description="{quantity: {block: {CCD: {Q: value}}}} of the spare blocks with input (never in maps or mosaics).")
+    units: dict[str, str] = Field(default_factory=dict, description="Unit of each quantity.")
+    summary: dict[str, Any] = Field(default_factory=dict, description="Family verdicts (psf: the crosstalk requirement).")
+    products: list[str] = Field(default_factory=list, description="Product paths relative to the products root.")
+    inputs: list[str] = Field(default_factory=list, description="event_id of every analysis.completed result used.")
     provenance: dict[str, Any] = Field(default_factory=dict)
 
     def routing_key(self) -> str:
@@ -331,10 +415,16 @@ def parse_event(body: bytes | str | dict, routing_key: str | None = None) -> Eve
             data = json.loads(body)
         except json.JSONDecodeError as exc:
             raise EventError(f"malformed JSON: {exc}", "json") from None
+        except RecursionError:
+            raise EventError("malformed JSON: nested too deeply", "json") from None
+        except ValueError as exc:  # e.g. an integer longer than Python's conversion limit
+            raise EventError(f"malformed JSON: {exc}", "json") from None
     else:
         data = body
     if not isinstance(data, dict):
         raise EventError(f"event body must be a JSON object, got {type(data).__name__}", "schema")
+    if data.get("kind") is not None and not isinstance(data.get("kind"), str):
+        raise EventError(f"'kind' must be a string, got {type(data['kind']).__name__}", "schema")
     kind = data.get("kind") or (kind_of(routing_key) if routing_key else None)
     if routing_key and data.get("kind") and kind_of(routing_key) != data["kind"]:
         raise EventError(f"body kind {data['kind']!r} does not match routing key {routing_key!r}", "routing")
@@ -343,6 +433,8 @@ def parse_event(body: bytes | str | dict, routing_key: str | None = None) -> Eve
         raise EventError(f"unknown event kind {kind!r} (known: {', '.join(EVENT_TYPES)})", "kind")
     try:
         return cls.model_validate(data)
+    except RecursionError:
+        raise EventError(f"schema error in {kind}: nested too deeply", "schema") from None
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()[:5]
@@ -386,6 +478,8 @@ _ROUTING_DOC = {
 
 __all__ = [
     "AnalysisCompleted",
+    "AnalysisResults",
+    "CalibrationUsed",
     "CampaignDefined",
     "ComplianceLeaf",
     "EVENT_TYPES",
@@ -399,7 +493,9 @@ __all__ = [
     "MetatestCompleted",
     "ProcessingFailed",
     "QuadrantStats",
+    "Reanalysis",
     "RegionStats",
+    "ResultsDocument",
     "SCHEMA_VERSION",
     "ScriptgenRequest",
     "TestClose",

@@ -495,7 +495,8 @@ class LineTail:
         if cut < 0:
             return []
         out = []
-        for raw in data[: cut + 1].splitlines(keepends=True):
+        for raw in data[: cut + 1].split(b"\n")[:-1]:  # "\n" only, as parse_explog_text (a lone "\r" is data)
+            raw += b"\n"
             self.lineno += 1
             out.append((self.lineno, raw))
         self.offset += cut + 1

@@ -18,12 +18,16 @@ from typing import Literal
 
 FileKind = Literal["fits", "explog", "hk_exposure", "hk_daily"]
 
+# ASCII digits only (re.ASCII: "\u0663" is not an ObsID digit) and bounded widths (an ObsID of
+# thousands of digits is not a name, and int() would refuse it without naming the file)
+_OBSID = r"(\d{1,18})"
+_UNIT = r"(\d{1,4})"
 _STAMP = r"(\d{6})D(_?)(\d{6})T"
-_FITS_RE = re.compile(r"^EUC_(\d+)_" + _STAMP + r"_ROE(\d+)_CCD(\d+)\.fits$")
-_EXPLOG_RE = re.compile(r"^EXP_LOG_(\d{6})\.txt$")
-_HK_EXPOSURE_RE = re.compile(r"^HK_(\d+)_(\d{6})D(\d{6})T_ROE(\d+)\.txt$")
-_HK_DAILY_RE = re.compile(r"^HK_(\d{2})-(\d{2})-(\d{2})_ROE(\d+)(?:_(\d+))?\.txt$")
-_DATE_RE = re.compile(r"^(\d{6})D_?(\d{6})T$")
+_FITS_RE = re.compile(r"^EUC_" + _OBSID + "_" + _STAMP + r"_ROE" + _UNIT + "_CCD" + _UNIT + r"\.fits$", re.ASCII)
+_EXPLOG_RE = re.compile(r"^EXP_LOG_(\d{6})\.txt$", re.ASCII)
+_HK_EXPOSURE_RE = re.compile(r"^HK_" + _OBSID + r"_(\d{6})D(\d{6})T_ROE" + _UNIT + r"\.txt$", re.ASCII)
+_HK_DAILY_RE = re.compile(r"^HK_(\d{2})-(\d{2})-(\d{2})_ROE" + _UNIT + r"(?:_" + _UNIT + r")?\.txt$", re.ASCII)
+_DATE_RE = re.compile(r"^(\d{6})D_?(\d{6})T$", re.ASCII)
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,65 @@ class Frame:
     geometry: Geometry
 
 
+MAX_NAXIS = 999  # the FITS standard's bound; astropy loops over every NAXISn of a larger value
+MAX_HDUS = 1000
+
+
+def _card_int(card: bytes) -> int | None:
+    value = card[10:].split(b"/", 1)[0].strip()
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+def _precheck(path: Path) -> None:
+    """Walk the headers before astropy does: refuse NAXIS outside 0..999 (astropy would loop over
+    up to 2**63 NAXISn keys: a hang) and absurd HDU counts. Anything else is left to astropy."""
+    size = path.stat().st_size
+    offset = index = 0
+    with open(path, "rb") as f:
+        while offset + FITS_BLOCK <= size and index < MAX_HDUS:
+            f.seek(offset)
+            cards: dict[bytes, int | None] = {}
+            header_len, ended = 0, False
+            while not ended:
+                block = f.read(FITS_BLOCK)
+                if len(block) < FITS_BLOCK:
+                    return  # truncated: astropy reports it
+                header_len += FITS_BLOCK
+                for i in range(0, FITS_BLOCK, 80):
+                    card = block[i:i + 80]
+                    key = card[:8].rstrip()
+                    if key == b"END":
+                        ended = True
+                        break
+                    if key == b"NAXIS":  # every NAXIS card (astropy may read any of duplicates)
+                        value = _card_int(card) if card[8:10] == b"= " else None
+                        if value is None or not 0 <= value <= MAX_NAXIS:
+                            shown = card[10:].split(b"/", 1)[0].strip().decode("ascii", "replace")[:20]
+                            raise FitsFormatError(path, f"HDU {index}: NAXIS = {shown!r} (FITS requires an integer 0..{MAX_NAXIS})")
+                    if card[8:10] == b"= " and (key in (b"BITPIX", b"PCOUNT", b"GCOUNT") or key.startswith(b"NAXIS")):
+                        cards.setdefault(key, _card_int(card))
+            naxis, bitpix = cards.get(b"NAXIS"), cards.get(b"BITPIX")
+            if naxis is None or bitpix is None:
+                return
+            dims = [cards.get(b"NAXIS%d" % n) for n in range(1, naxis + 1)]
+            if any(d is None or d < 0 for d in dims):
+                return
+            count = 1
+            for d in dims[1:] if dims and dims[0] == 0 else dims:  # random groups: NAXIS1 = 0
+                count *= d
+            if not dims:
+                count = 0
+            count = ((cards.get(b"GCOUNT") or 1) * ((cards.get(b"PCOUNT") or 0) + count)) if dims else 0
+            data = abs(bitpix) // 8 * count
+            offset += header_len + -(-data // FITS_BLOCK) * FITS_BLOCK
+            index += 1
+    if index >= MAX_HDUS:
+        raise FitsFormatError(path, f"more than {MAX_HDUS} HDUs")
+
+
 def _check_complete(path: Path, hdul: fits.HDUList) -> None:
     size = path.stat().st_size
     for index, hdu in enumerate(hdul):
@@ -66,6 +125,7 @@ def _check_complete(path: Path, hdul: fits.HDUList) -> None:
 def is_complete_fits(path: str | os.PathLike) -> bool:
     """True when the file is a whole FITS file: every HDU's header and data are present."""
     try:
+        _precheck(Path(path))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with fits.open(path, memmap=False, lazy_load_hdus=False, do_not_scale_image_data=True) as hdul:
@@ -82,6 +142,7 @@ def read_frame(path: str | os.PathLike, hdu: int | str = -1, check_geometry: boo
     """
     path = Path(path)
     try:
+        _precheck(path)
         with warnings.catch_warnings():
             warnings.simplefilter("error", AstropyUserWarning)
             with fits.open(path, memmap=True, lazy_load_hdus=False, do_not_scale_image_data=True) as hdul:
@@ -112,6 +173,8 @@ def read_frame(path: str | os.PathLike, hdu: int | str = -1, check_geometry: boo
         raise FitsFormatError(path, f"unreadable FITS: {exc}") from None
     except (OSError, ValueError, TypeError) as exc:
         raise FitsFormatError(path, f"unreadable FITS: {exc}") from None
+    except Exception as exc:  # astropy on a malformed header (a missing BITPIX: KeyError, ...)
+        raise FitsFormatError(path, f"malformed FITS header: {exc.__class__.__name__}: {exc}") from None
     for key in ("BSCALE", "BZERO"):
         header.remove(key, ignore_missing=True)
     try:

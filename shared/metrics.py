@@ -22,6 +22,8 @@ PROCESSING_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
 )
 SERVICE_INFO = Gauge("vison_service_info", "Running service (value 1)", ["service", "version"])
+EVENTS_UNROUTABLE = Counter("vison_events_unroutable_total", "Messages returned by the broker (no queue bound); published again", ["service", "kind"])
+SERVICE_BLOCKED = Gauge("vison_service_blocked", "1 while a service is blocked on a transient condition (disk full...)", ["service", "reason"])
 
 # --- ingest
 HK_VALUE = Gauge("vison_hk_value", "Latest value of an HK parameter", ["block", "roe", "param"])
@@ -54,16 +56,22 @@ ANALYSES = Counter("vison_analyses_total", "Test analyses run", ["test", "status
 _started: dict[int, bool] = {}
 
 
-def start_metrics_server(port: int, service: str | None = None, version: str | None = None) -> int:
-    """Serve ``/metrics`` on ``port`` (0: disabled; returns the port). Sets ``vison_service_info``."""
+def start_metrics_server(port: int, service: str | None = None, version: str | None = None,
+                         bind: str | None = None) -> int:
+    """Serve ``/metrics`` on ``port`` (0: disabled; returns the port) at ``bind`` (default
+    ``VISON_METRICS_BIND``, itself 127.0.0.1: the loopback only). Sets ``vison_service_info``."""
     if service:
         SERVICE_INFO.labels(service=service, version=version or _version()).set(1)
     if not port:
         return 0
     if port not in _started:
-        start_http_server(port)
+        if bind is None:
+            from shared.config import get_settings
+
+            bind = get_settings().metrics_bind
+        start_http_server(port, addr=bind)
         _started[port] = True
-        log.info("metrics on http://0.0.0.0:%d/metrics", port)
+        log.info("metrics on http://%s:%d/metrics", bind, port)
     return port
 
 
@@ -83,6 +91,7 @@ __all__ = [
     "EVENTS_CONSUMED",
     "EVENTS_FAILED",
     "EVENTS_PUBLISHED",
+    "EVENTS_UNROUTABLE",
     "EXPOSURES_INGESTED",
     "EXPOSURES_VALIDATED",
     "EXPOSURE_FLAG",
@@ -96,6 +105,7 @@ __all__ = [
     "QUADRANT_OFFSET",
     "QUEUE_DEPTH",
     "REGISTRY",
+    "SERVICE_BLOCKED",
     "SERVICE_INFO",
     "VALIDATION_LATENCY",
     "start_metrics_server",

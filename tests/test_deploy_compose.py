@@ -25,14 +25,18 @@ needs_compose = pytest.mark.skipif(
 
 VISON_SERVICES = {"ingest": 9101, "validator": 9102, "analyzer": 9103, "metatest": 9104, "scriptgen": 9105}
 ONE_SHOT = {"broker-setup", "alertmanager-config"}
-REQUIRED = ["VISON_ACQUISITION_DIR", "RABBITMQ_ADMIN_USER", "RABBITMQ_ADMIN_PASSWORD", "BROKER_SERVICE_PASSWORD",
+REQUIRED = ["VISON_ACQUISITION_DIR", "RABBITMQ_ADMIN_USER", "RABBITMQ_ADMIN_PASSWORD",
+            *[f"BROKER_{s}_PASSWORD" for s in ("INGEST", "VALIDATOR", "ANALYZER", "METATEST", "SCRIPTGEN", "CATALOGUE")],
             "BROKER_ANALYST_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "ALERT_EMAIL_TO", "ALERT_EMAIL_FROM",
-            "ALERT_SMTP_SMARTHOST", "ALERT_PAGER_WEBHOOK_URL"]
+            "ALERT_SMTP_SMARTHOST", "ALERT_PAGER_WEBHOOK_URL", "POSTGRES_USER", "POSTGRES_PASSWORD"]
 FILLED = {
     "VISON_ACQUISITION_DIR": "/srv/elvis/data", "RABBITMQ_ADMIN_PASSWORD": "adminpw0123",
-    "BROKER_SERVICE_PASSWORD": "servicepw0123", "BROKER_ANALYST_PASSWORD": "analystpw0123",
+    **{f"BROKER_{s}_PASSWORD": f"{s.lower()}pw0123" for s in ("INGEST", "VALIDATOR", "ANALYZER", "METATEST", "SCRIPTGEN",
+                                                            "CATALOGUE")},
+    "BROKER_ANALYST_PASSWORD": "analystpw0123",
     "GRAFANA_ADMIN_PASSWORD": "grafanapw0123", "ALERT_EMAIL_TO": "ops@lab.example", "ALERT_EMAIL_FROM": "vison@lab.example",
     "ALERT_SMTP_SMARTHOST": "smtp.lab.example:587", "ALERT_PAGER_WEBHOOK_URL": "https://pager.lab.example/hook",
+    "POSTGRES_PASSWORD": "postgrespw0123",
 }
 
 
@@ -72,7 +76,7 @@ def test_compose_config_accepts_the_file_with_a_complete_env(tmp_path):
                                     "prometheus", "alertmanager-config", "alertmanager", "grafana"}
     ingest = cfg["services"]["ingest"]
     assert "/srv/elvis/data:/data:ro" in ingest["volumes"]
-    assert ingest["environment"]["VISON_AMQP_URL"] == "amqp://vison:servicepw0123@rabbitmq:5672/%2F"
+    assert ingest["environment"]["VISON_AMQP_URL"] == "amqp://vison-ingest:ingestpw0123@rabbitmq:5672/%2F"
     assert cfg["services"]["rabbitmq"]["environment"]["RABBITMQ_DEFAULT_PASS"] == "adminpw0123"
     assert "127.0.0.1:9090:9090/tcp" in cfg["services"]["prometheus"]["ports"]
 
@@ -143,15 +147,18 @@ def test_healthcheck_command_is_valid_python():
     compile(cmd[3], "<healthcheck>", "exec")
 
 
-def test_analyzer_can_be_scaled():
-    svc = _compose()["services"]["analyzer"]
+def test_analyzer_workers_can_be_scaled():
+    services = _compose()["services"]
+    svc = services["analyzer-worker"]
     assert "container_name" not in svc and not svc.get("ports"), "replicas would clash"
+    assert svc["command"] == ["vison", "analyzer", "--no-collector", "--workers", "${VISON_ANALYZER_WORKERS:-2}"]
+    assert svc["volumes"] == services["analyzer"]["volumes"]  # the same data and products as the coordinator
 
 
 def test_acquisition_folder_is_mounted_read_only_everywhere():
     services = _compose()["services"]
     mounts = [(n, v) for n, s in services.items() for v in s.get("volumes", []) if "VISON_ACQUISITION_DIR" in str(v)]
-    assert {n for n, _ in mounts} == {"ingest", "validator", "analyzer"}
+    assert {n for n, _ in mounts} == {"ingest", "validator", "analyzer", "analyzer-worker"}
     for name, volume in mounts:
         assert volume.endswith(":/data:ro"), (name, volume)
 
@@ -172,7 +179,10 @@ def test_secrets_only_from_the_environment():
             if re.search(r"PASS|PASSWORD|TOKEN|SECRET", key):
                 assert re.fullmatch(r"\$\{[A-Z_]+:(\?[^}]+|-)\}", str(value)), f"{name}.{key} = {value!r}"
             if key == "VISON_AMQP_URL":
-                assert "${BROKER_SERVICE_PASSWORD:?" in value
+                # one broker user per service (least privilege, deploy/rabbitmq/setup_broker.py); the
+                # analyzer's workers are the analyzer's user
+                user = "analyzer" if name == "analyzer-worker" else name
+                assert value.startswith(f"amqp://vison-{user}:${{BROKER_{user.upper()}_PASSWORD:?"), (name, value)
     assert "guest" not in text.lower()
 
 
@@ -201,7 +211,7 @@ def test_third_party_images_are_pinned():
         if image.startswith("vison:"):
             continue
         repo, _, tag = image.partition(":")
-        assert tag and tag != "latest" and re.search(r"\d+\.\d+\.\d+", tag), f"{name}: {image}"
+        assert tag and tag != "latest" and re.search(r"\d+\.\d+(\.\d+)?", tag), f"{name}: {image}"
 
 
 def test_grafana_and_alertmanager_wiring():

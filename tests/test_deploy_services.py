@@ -71,12 +71,14 @@ def test_definitions_match_the_bus_topology():
     assert ex["vison.dlx"]["type"] == "fanout"
     queues = {q["name"]: q for q in d["queues"]}
     assert queues["vison.dead"]["arguments"] == {} and queues["vison.dead"]["durable"]
-    for service in ("ingest", "validator", "analyzer", "metatest", "scriptgen"):
-        assert queues[f"vison.{service}"]["arguments"] == {
+    for name in ("validator", "analyzer", "analyzer.jobs", "analyzer.done", "metatest", "catalogue", "scriptgen"):
+        assert queues[f"vison.{name}"]["arguments"] == {
             "x-queue-type": "quorum", "x-dead-letter-exchange": "vison.dlx",
             "x-delivery-limit": s.max_redeliveries + DELIVERY_LIMIT_MARGIN}
-    assert d["bindings"] == [{"source": "vison.dlx", "vhost": "/", "destination": "vison.dead",
-                              "destination_type": "queue", "routing_key": "", "arguments": {}}]
+    assert "vison.ingest" not in queues  # ingest publishes only
+    assert {"source": "vison.dlx", "vhost": "/", "destination": "vison.dead", "destination_type": "queue",
+            "routing_key": "", "arguments": {}} in d["bindings"]
+    # the service bindings themselves: tests/test_topology.py::test_definitions_json_follows_the_table
     (policy,) = d["policies"]
     assert policy["definition"] == {"dead-letter-exchange": "vison.dlx"} and policy["apply-to"] == "queues"
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
@@ -116,13 +118,13 @@ def test_definitions_import_into_rabbitmq_and_agree_with_the_bus(amqp_url):
         out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "type", "policy"],
                              capture_output=True, text=True, timeout=60)
         rows = {line.split("\t")[0]: line.split("\t")[1:] for line in out.stdout.splitlines()[1:]}
-        if len(rows) >= 6 or time.monotonic() > deadline:
+        if len(rows) >= 8 or time.monotonic() > deadline:
             break
         time.sleep(0.3)
     assert rows["vison.validator"] == ["quorum", "vison-dead-letter"]
     assert rows["vison.dead"][0] == "classic" and rows["vison.dead"][1] == ""
     settings = Settings(_env_file=None, amqp_url=amqp_url)
-    for service in ("ingest", "validator", "analyzer", "metatest", "scriptgen"):
+    for service in ("validator", "analyzer", "metatest", "catalogue", "scriptgen"):
         assert ensure_queue(settings, service, ["exposure.ingested.#"]) == f"vison.{service}"
     conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:
@@ -177,23 +179,37 @@ def fake_management():
 def test_setup_broker_creates_users_then_definitions(fake_management, monkeypatch, capsys):
     url, calls = fake_management
     mod = _load(DEPLOY / "rabbitmq" / "setup_broker.py", "vison_setup_broker")
-    for key, value in {"RABBITMQ_ADMIN_USER": "admin", "RABBITMQ_ADMIN_PASSWORD": "adminpw",
-                       "BROKER_SERVICE_PASSWORD": "svcpw", "BROKER_ANALYST_PASSWORD": "anapw"}.items():
+    services = ("ingest", "validator", "analyzer", "metatest", "catalogue", "scriptgen")
+    env = {"RABBITMQ_ADMIN_USER": "admin", "RABBITMQ_ADMIN_PASSWORD": "adminpw", "BROKER_ANALYST_PASSWORD": "anapw",
+           **{f"BROKER_{s.upper()}_PASSWORD": f"{s}pw" for s in services if s != "catalogue"}}
+    for key, value in env.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.delenv("BROKER_CATALOGUE_PASSWORD", raising=False)  # not deployed: skipped
     assert mod.main(["--url", url, "--wait", "5"]) == 0
     got = [(m, p) for m, p, _, _ in calls]
-    assert got == [("GET", "/api/overview"), ("PUT", "/api/users/vison"), ("PUT", "/api/permissions/%2F/vison"),
-                   ("PUT", "/api/users/analyst"), ("PUT", "/api/permissions/%2F/analyst"), ("POST", "/api/definitions")]
+    expected = [("GET", "/api/overview")]
+    for s in services:
+        if s != "catalogue":
+            expected += [("PUT", f"/api/users/vison-{s}"), ("PUT", f"/api/permissions/%2F/vison-{s}"),
+                         ("PUT", f"/api/topic-permissions/%2F/vison-{s}")]
+    expected += [("PUT", "/api/users/analyst"), ("PUT", "/api/permissions/%2F/analyst"), ("POST", "/api/definitions")]
+    assert got == expected
     bodies = {p: b for _, p, _, b in calls}
-    assert bodies["/api/users/vison"] == {"password": "svcpw", "tags": ""}
+    assert bodies["/api/users/vison-ingest"] == {"password": "ingestpw", "tags": ""}
     assert bodies["/api/users/analyst"]["password"] == "anapw"
-    analyst = bodies["/api/permissions/%2F/analyst"]
     import re
 
+    ingest = bodies["/api/permissions/%2F/vison-ingest"]
+    assert re.fullmatch(ingest["configure"], "vison.validator") and not re.fullmatch(ingest["read"], "vison.validator")
+    topic = bodies["/api/topic-permissions/%2F/vison-ingest"]
+    assert topic["exchange"] == "vison" and re.fullmatch(topic["write"], "exposure.ingested.BIAS01.BORN")
+    assert not re.fullmatch(topic["write"], "exposure.validated.BIAS01.BORN")
+    analyst = bodies["/api/permissions/%2F/analyst"]
     assert re.fullmatch(analyst["read"], "vison") and not re.fullmatch(analyst["write"], "vison")
     assert not re.fullmatch(analyst["configure"], "vison.validator")
     assert bodies["/api/definitions"] == _definitions()
-    assert "definitions: 2 exchanges, 6 queues, 1 policies" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "definitions: 2 exchanges, 8 queues, 1 policies" in out and "vison-catalogue skipped" in out
 
 
 def test_setup_broker_fails_clearly(fake_management, monkeypatch, capsys):

@@ -267,6 +267,12 @@ def private_broker():
 
 
 def test_broker_restart_mid_stream(private_broker, tmp_path, monkeypatch):
+    """It once failed under load with "pipeline never validated the first exposures": the code was
+    wrong, not the test. ``Stack.start`` started ingest and the validator side by side; when the
+    validator (slower to import) had not declared its queue yet, ingest's first
+    ``exposure.ingested`` matched no queue and the broker dropped it (no ``mandatory``). Now the
+    stack declares the topology first, ingest declares the validator's queue on connect, and a
+    returned message is re-published (tests/test_topology.py and tests/test_bus_api.py test each)."""
     tag = uuid.uuid4().hex[:8]
     env = {
         "VISON_AMQP_URL": private_broker.url,

@@ -46,3 +46,21 @@ def test_request_publishes_campaign_definition(vison_env, tmp_path):
     finally:
         consumer.stop()
         thread.join(10)
+
+
+def test_request_out_dir_must_stay_under_the_products_root(tmp_path):
+    """A ``scriptgen.request`` naming ``..`` or an absolute folder outside the products root is
+    refused (PathError, a ValueError: the consumer dead-letters it) and writes nothing."""
+    import pytest
+
+    from services.scriptgen.main import handle_request
+    from shared.paths import PathError
+
+    config = {"block": "BORN", "chamber": "CHAMBER_A_JUN18", "operator": "x", "preset": "mini", "tests": ["BIAS01"]}
+    root = tmp_path / "products"
+    for bad in ("../escape", str(tmp_path / "elsewhere")):
+        with pytest.raises(PathError):
+            handle_request({"block": "BORN", "config": config, "out_dir": bad}, out_root=root)
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "elsewhere").exists()
+    handle_request({"block": "BORN", "config": config, "out_dir": "scripts"}, out_root=root)
+    assert any((root / "scripts").glob("*.xlsx"))

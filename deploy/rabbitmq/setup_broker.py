@@ -5,19 +5,26 @@ Run by the ``broker-setup`` service of docker-compose.yml (vison image) once Rab
 through the management HTTP API with the administrator account. Idempotent: running it again
 updates passwords and re-applies the definitions.
 
-1. user ``vison`` (services; all permissions on vhost ``/``), password ``BROKER_SERVICE_PASSWORD``;
+1. one user per service, ``vison-<service>`` (ingest, validator, analyzer, metatest, catalogue,
+   scriptgen), password ``BROKER_<SERVICE>_PASSWORD`` (a service whose password is not set is
+   skipped: it is not deployed), with least privilege (:func:`shared.topology.service_permissions`):
+   configure / write / read only on the exchanges, the dead-letter queue, its own queues and the
+   queues it feeds, and **topic permissions** on the ``vison`` exchange: it may publish only the
+   routing keys of the event kinds it produces and bind only its queues' patterns;
 2. user ``analyst`` (read-only subscriber), password ``BROKER_ANALYST_PASSWORD``: may read the
    ``vison`` exchange and declare / consume its own queues (server-named ``amq.gen-*`` or
    ``analyst.*``), nothing else;
 3. ``definitions.json`` beside this file: the ``vison`` topic exchange, the dead-letter fanout
-   exchange ``vison.dlx`` and queue ``vison.dead``, the service queues exactly as
-   ``shared/bus.py`` declares them (quorum, dead-lettered to ``vison.dlx``, delivery limit) and
-   the ``vison-dead-letter`` policy (safety net for queues declared without arguments).
+   exchange ``vison.dlx`` and queue ``vison.dead``, every queue of ``shared/topology.py`` with its
+   bindings exactly as ``shared/bus.py`` declares them (quorum, dead-lettered to ``vison.dlx``,
+   delivery limit) and the ``vison-dead-letter`` policy (safety net for queues declared without
+   arguments).
 
 Environment: ``RABBITMQ_MANAGEMENT_URL`` (default ``http://rabbitmq:15672``),
-``RABBITMQ_ADMIN_USER``, ``RABBITMQ_ADMIN_PASSWORD``, ``BROKER_SERVICE_PASSWORD``,
+``RABBITMQ_ADMIN_USER``, ``RABBITMQ_ADMIN_PASSWORD``, ``BROKER_<SERVICE>_PASSWORD``,
 ``BROKER_ANALYST_PASSWORD``; ``--wait SECONDS`` for the API to answer (default 120).
-Standard library only.
+Standard library plus ``shared.topology`` (installed in the vison image; from a checkout, the
+repository root is put on the path).
 """
 
 from __future__ import annotations
@@ -38,15 +45,25 @@ HERE = Path(__file__).resolve().parent
 DEFINITIONS = HERE / "definitions.json"
 VHOST = "/"
 
-#: user -> (password variable, permissions on the vhost)
-USERS: dict[str, tuple[str, dict[str, str]]] = {
-    "vison": ("BROKER_SERVICE_PASSWORD", {"configure": ".*", "write": ".*", "read": ".*"}),
-    "analyst": ("BROKER_ANALYST_PASSWORD", {
-        "configure": r"^(amq\.gen-.*|analyst\..*)$",
-        "write": r"^(amq\.gen-.*|analyst\..*)$",
-        "read": r"^(vison|amq\.gen-.*|analyst\..*)$",
-    }),
+if str(HERE.parents[1]) not in sys.path and (HERE.parents[1] / "shared" / "topology.py").is_file():
+    sys.path.insert(0, str(HERE.parents[1]))  # running from a checkout
+
+EXCHANGE = "vison"
+ANALYST: dict[str, str] = {
+    "configure": r"^(amq\.gen-.*|analyst\..*)$",
+    "write": r"^(amq\.gen-.*|analyst\..*)$",
+    "read": r"^(vison|amq\.gen-.*|analyst\..*)$",
 }
+
+
+def service_users() -> dict[str, tuple[str, dict[str, Any]]]:
+    """``vison-<service>`` -> (password variable, permissions incl. ``topic``), least privilege."""
+    from shared.config import Settings
+    from shared.topology import service_permissions
+
+    settings = Settings(_env_file=None, exchange=EXCHANGE, queue_prefix="vison")
+    return {f"vison-{svc}": (f"BROKER_{svc.upper()}_PASSWORD", perms)
+            for svc, perms in service_permissions(settings).items()}
 
 
 class SetupError(RuntimeError):
@@ -89,12 +106,23 @@ def setup(api: Api, env: Mapping[str, str], definitions: dict[str, Any]) -> list
     """Apply users, permissions and definitions; returns a log of what was done."""
     done = []
     vhost = quote(VHOST, safe="")
-    for user, (var, perms) in USERS.items():
+    users = dict(service_users())
+    users["analyst"] = ("BROKER_ANALYST_PASSWORD", ANALYST)
+    if not env.get("BROKER_ANALYST_PASSWORD", ""):
+        raise SetupError("BROKER_ANALYST_PASSWORD is not set (see .env.example)")
+    if not any(env.get(var, "") for user, (var, _) in users.items() if user != "analyst"):
+        raise SetupError("no BROKER_<SERVICE>_PASSWORD is set (see .env.example)")
+    for user, (var, perms) in users.items():
         password = env.get(var, "")
         if not password:
-            raise SetupError(f"{var} is not set (see .env.example)")
+            done.append(f"user {user} skipped ({var} not set)")
+            continue
         api.call("PUT", f"/api/users/{quote(user, safe='')}", {"password": password, "tags": ""})
-        api.call("PUT", f"/api/permissions/{vhost}/{quote(user, safe='')}", perms)
+        api.call("PUT", f"/api/permissions/{vhost}/{quote(user, safe='')}",
+                 {k: perms[k] for k in ("configure", "write", "read")})
+        if "topic" in perms:
+            api.call("PUT", f"/api/topic-permissions/{vhost}/{quote(user, safe='')}",
+                     {"exchange": EXCHANGE, **perms["topic"]})
         done.append(f"user {user}")
     api.call("POST", "/api/definitions", definitions)
     done.append(f"definitions: {len(definitions.get('exchanges', []))} exchanges, {len(definitions.get('queues', []))} queues, "

@@ -30,6 +30,7 @@ class Ledger:
             """,
         )
         self._lock = threading.Lock()
+        self.writes = 0  # successful commits (ingest tells a cleared "disk full" by it)
         self._published = {(b, o) for b, o in self._db.execute("SELECT block, obsid FROM exposures WHERE status = 'published'")}
 
     # exposures
@@ -46,6 +47,7 @@ class Ledger:
             self._db.execute("INSERT OR REPLACE INTO exposures VALUES (?, ?, ?, ?, ?)",
                              (block, obsid, status, event_id, time.time()))
             self._db.commit()
+            self.writes += 1
             if status == "published":
                 self._published.add((block, int(obsid)))
 
@@ -65,6 +67,7 @@ class Ledger:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", (path, size, mtime, sha))
             self._db.commit()
+            self.writes += 1
 
     # failures already reported
     def was_reported(self, key: str) -> bool:
@@ -75,6 +78,7 @@ class Ledger:
         with self._lock:
             self._db.execute("INSERT OR IGNORE INTO reported VALUES (?, ?)", (key, time.time()))
             self._db.commit()
+            self.writes += 1
 
     # daily HK
     def hk_rows(self, path: str) -> int:
@@ -86,6 +90,7 @@ class Ledger:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO hk_progress VALUES (?, ?)", (path, rows))
             self._db.commit()
+            self.writes += 1
 
     def close(self) -> None:
         self._db.close()

@@ -8,7 +8,7 @@ import logging
 import signal
 import threading
 
-from services.ingest.service import SERVICE, IngestOptions, IngestService
+from services.ingest.service import SERVICE, IngestOptions, IngestService, open_ingest
 from shared.config import get_settings
 from shared.metrics import start_metrics_server
 
@@ -37,9 +37,17 @@ def run(args: argparse.Namespace) -> int:
         incomplete_timeout=args.incomplete_timeout, exposure_timeout=args.exposure_timeout,
         watch=not args.no_watch,
     )
-    service = IngestService(settings, options)
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+    service = open_ingest(settings, options, stop)  # waits while the state folder is read-only / full
+    if service is None:
+        return 0
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, service.stop)
         signal.signal(signal.SIGINT, service.stop)
+    if stop.is_set():  # a signal between the two handlers
+        service.stop()
     service.run()
     return 0

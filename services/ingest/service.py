@@ -41,6 +41,8 @@ from shared.filenames import classify, parse_fits_name, parse_hk_exposure_name
 from shared.fitsio import FrameError, is_complete_fits, read_frame
 from shared.hk import hk_limits
 from shared.metrics import EXPOSURES_INGESTED, FILES_SEEN, HK_LIMIT, PROCESSING_SECONDS
+from shared.paths import PathError, resolve_under
+from shared.storage import BlockedState, StorageBlocked, blocked_reason
 
 log = logging.getLogger("vison.ingest")
 
@@ -79,6 +81,7 @@ class _Exposure:
     day: str = ""
     last_change: float = field(default_factory=time.monotonic)
     reported: bool = False
+    sent_id: str | None = None  # published, not yet in the ledger (state folder full / read-only)
 
     def missing(self) -> list[str]:
         out = [f"frame CCD{c}" for c in CCDS if c not in self.frames]
@@ -91,6 +94,33 @@ def _sha_or_none(path: Path) -> str | None:
         return sha256_file(path)
     except OSError:
         return None
+
+
+def open_ingest(settings: Settings, options: IngestOptions | None = None, stop: threading.Event | None = None,
+                publisher: Publisher | None = None, max_wait: float = 30.0) -> "IngestService | None":
+    """An :class:`IngestService`, waiting (backoff up to ``max_wait`` s, logged once, gauge
+    ``vison_service_blocked``) while its state folder is read-only, full or not writable.
+    None when ``stop`` is set meanwhile."""
+    stop = stop or threading.Event()
+    blocked = BlockedState(SERVICE, log)
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            service = IngestService(settings, options, publisher)
+        except Exception as exc:
+            reason = blocked_reason(exc)
+            if reason is None:
+                raise
+            if reason == "permission_denied" and os.path.exists(settings.state_dir) and \
+                    os.statvfs(settings.state_dir).f_flag & os.ST_RDONLY:
+                reason = "read_only"
+            blocked.block(StorageBlocked("state", settings.state_dir, reason, f"{exc.__class__.__name__}: {exc}"))
+            stop.wait(delay)
+            delay = min(delay * 2, max_wait)
+            continue
+        blocked.clear()
+        return service
+    return None
 
 
 class IngestService:
@@ -116,6 +146,9 @@ class IngestService:
         self._last_hk = 0.0
         self.published = 0
         self.ready = threading.Event()
+        self.blocked = BlockedState(SERVICE, log)  # state folder full / read-only: logged once, gauge
+        self._blocked_writes = 0
+        self._sent_reports: set[str] = set()  # published, not yet in the ledger
         self._hasher = ThreadPoolExecutor(max_workers=3, thread_name_prefix="sha")
         self._export_static_limits()
 
@@ -124,16 +157,26 @@ class IngestService:
         self.stop_event.set()
 
     def run(self) -> None:
+        if hasattr(self.publisher, "connect"):  # declares the validator's queue first (exit 78 if refused)
+            self.publisher.connect()
         self._start_watch()
         log.info("ingest: watching %s (block %s)", self.root_resolved, self.block)
         try:
             while not self.stop_event.is_set():
                 try:
                     self.step()
-                except Exception:  # a vanished file, a full disk...: log, keep watching
+                    if self.blocked.blocked and self.ledger.writes > self._blocked_writes:
+                        self.blocked.clear()  # the ledger took a write again: the pending work went through
+                except Exception as exc:  # a vanished file, a full disk...: log, keep watching
                     if self.stop_event.is_set():
                         break
-                    log.exception("ingest: error in the watch loop; continuing")
+                    reason = blocked_reason(exc)
+                    if reason is not None:  # nothing is dropped: the work stays pending, retried each second
+                        self.blocked.block(StorageBlocked("state", self.ledger.path.parent, reason,
+                                                          f"{exc.__class__.__name__}: {exc}"))
+                        self._blocked_writes = self.ledger.writes
+                    else:
+                        log.exception("ingest: error in the watch loop; continuing")
                     self.stop_event.wait(1.0)
                 self.ready.set()
                 try:
@@ -414,6 +457,20 @@ class IngestService:
     def _publish_exposure(self, exp: _Exposure) -> None:
         frames = [exp.frames[c] for c in CCDS]
         rows = [exp.rows[c] for c in CCDS]
+        if exp.sent_id is not None:  # published before; only the ledger write is missing
+            self.ledger.mark_exposure(self.block, exp.obsid, "published", exp.sent_id)
+            exp.sent_id = None
+            EXPOSURES_INGESTED.labels(block=self.block, test=rows[0].test or "UNKNOWN").inc()
+            self.published += 1
+            log.info("exposure.ingested ObsID %d recorded in the ledger (published before)", exp.obsid)
+            return
+        for ref in [*frames, *(() if exp.hk is None else (exp.hk,))]:
+            try:
+                resolve_under(self.root_resolved, ref.path)
+            except PathError as exc:  # e.g. a symlink swapped in after the file was seen
+                self._report("path", ref.path, f"outside the data root: refused ({exc.reason})", f"path:{ref.path}",
+                             obsid=exp.obsid)
+                return
         test = rows[0].test or next((r.test for r in rows if r.test), "") or "UNKNOWN"
         if exp.hk is not None and not exp.hk.sha256:
             path = self.root / exp.hk.path
@@ -432,7 +489,9 @@ class IngestService:
         t0 = time.perf_counter()
         self.publisher.publish(event)
         PROCESSING_SECONDS.labels(service=SERVICE, step="publish").observe(time.perf_counter() - t0)
-        self.ledger.mark_exposure(self.block, exp.obsid, "published", str(event.event_id))
+        exp.sent_id = str(event.event_id)  # a failing ledger write below is retried without republishing
+        self.ledger.mark_exposure(self.block, exp.obsid, "published", exp.sent_id)
+        exp.sent_id = None
         EXPOSURES_INGESTED.labels(block=self.block, test=test).inc()
         self.published += 1
         log.info("exposure.ingested ObsID %d %s (%s)", exp.obsid, test, event.routing_key())
@@ -444,13 +503,16 @@ class IngestService:
         """Publish one ``processing.failed`` per distinct problem (kept across restarts)."""
         if self.ledger.was_reported(key):
             return
-        log.warning("%s %s: %s", what, where, why)
-        event = ProcessingFailed(
-            event_id=derived_event_id("processing.failed", SERVICE, self.block, key),
-            producer=SERVICE, service=SERVICE, what=what, where=where, why=why, block=self.block, **extra,
-        )
-        self.publisher.publish(event)
-        self.ledger.mark_reported(key)
+        if key not in self._sent_reports:
+            log.warning("%s %s: %s", what, where, why)
+            event = ProcessingFailed(
+                event_id=derived_event_id("processing.failed", SERVICE, self.block, key),
+                producer=SERVICE, service=SERVICE, what=what, where=where, why=why, block=self.block, **extra,
+            )
+            self.publisher.publish(event)
+            self._sent_reports.add(key)
+        self.ledger.mark_reported(key)  # may fail (state folder full): retried, not republished
+        self._sent_reports.discard(key)
 
     @staticmethod
     def _export_static_limits() -> None:

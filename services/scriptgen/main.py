@@ -69,7 +69,8 @@ def generate(config: CampaignConfig, out_dir: str | Path, date: dt.date | None =
 def handle_request(request: Mapping[str, Any], out_root: str | Path | None = None) -> CampaignDefinition:
     """Service entry: a ``scriptgen.request`` body (``{block, config, out_dir?}``, or a bare
     configuration mapping) -> the campaign definition; with ``out_dir`` the scripts are written
-    there (relative paths under ``out_root``). Raises ValidationError / ValueError on a bad request."""
+    there (relative paths under ``out_root``; with ``out_root`` an absolute path or ``..`` leaving it
+    is refused). Raises ValidationError / ValueError on a bad request."""
     request = dict(request)
     if "config" in request and isinstance(request["config"], Mapping):
         config_data = dict(request["config"])
@@ -84,9 +85,12 @@ def handle_request(request: Mapping[str, Any], out_root: str | Path | None = Non
     if out_dir:
         from services.scriptgen.writer import write_campaign
 
-        path = Path(out_dir)
-        if not path.is_absolute() and out_root is not None:
-            path = Path(out_root) / path
+        if out_root is not None:  # a request from the bus: the scripts stay under the products root
+            from shared.paths import ensure_writable_under
+
+            path = ensure_writable_under(out_root, out_dir)  # PathError (a ValueError) names an escaping path
+        else:
+            path = Path(out_dir)
         write_campaign(definition, path, config.date)
     return definition
 

@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (data, state, logs)")
     parser.add_argument("--timeout", type=float, default=240.0, help="give up after this many seconds (240)")
     parser.add_argument("--no-analysis", action="store_true", help="skip closing BIAS01 and waiting for its analysis")
+    parser.add_argument("--fpa", action="store_true",
+                        help="the focal-plane demo: metatest service + simulated results of 12 blocks -> gain map")
 
 
 def _broker_ok(url: str) -> str | None:
@@ -120,6 +122,10 @@ def _cleanup_broker(settings, names: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.fpa:
+        from services.tools.demo_fpa import run_fpa
+
+        return run_fpa(args)
     from services.tools.stack import Stack, available_services, free_port
     from shared.bus import Subscription, dead_queue_name, queue_name
     from shared.config import get_settings
@@ -129,7 +135,9 @@ def run(args: argparse.Namespace) -> int:
     base = get_settings()
     problem = _broker_ok(base.amqp_url)
     if problem:
-        print(f"vison demo: no RabbitMQ broker at the configured VISON_AMQP_URL ({problem}).\n"
+        from shared.bus import mask_url
+
+        print(f"vison demo: no RabbitMQ broker at the configured VISON_AMQP_URL {mask_url(base.amqp_url)} ({problem}).\n"
               "Start one (e.g. `rabbitmq-server -detached`, or `docker compose up rabbitmq`) and retry.", file=sys.stderr)
         return 2
     tag = uuid.uuid4().hex[:8]
@@ -168,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
           f"acquisition sped up x{args.speedup:g}; services: {', '.join(names)}; folder {tmp}", flush=True)
     try:
         with Subscription(settings, ["exposure.validated.#", "processing.failed.#", "analysis.completed.#"]) as sub:
-            stack.start()
+            stack.start()  # declares the whole topology (shared.topology.declare_all) first
             sim_log = open(tmp / "logs" / "sim.log", "wb")
             sim = subprocess.Popen(
                 [sys.executable, "-m", "services.cli", "sim", "--out", str(tmp / "data"), "--block", args.block,
@@ -229,7 +237,10 @@ def run(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 sim.kill()
         codes = stack.stop()
-        _cleanup_broker(settings, [queue_name(settings, n) for n in names] + [dead_queue_name(settings)])
+        from shared.topology import all_queues
+
+        _cleanup_broker(settings, [queue_name(settings, n) for n in names] + [q for q, _ in all_queues(settings)]
+                        + [dead_queue_name(settings)])
         for s, h in old.items():
             signal.signal(s, h)
     elapsed = time.monotonic() - t0

@@ -1,8 +1,10 @@
 """``vison stack up [--data DIR]``: run every implemented service as a local process against the
 configured broker (VISON_AMQP_URL), each with its metrics port (ingest 9101, validator 9102,
 analyzer 9103, metatest 9104, scriptgen 9105), until Ctrl-C / SIGTERM; then SIGTERM to every
-service (each finishes its current message), SIGKILL after a grace period. A service that dies
-is restarted with backoff."""
+service (each finishes its current message), SIGKILL after a grace period. The broker topology
+(:func:`shared.topology.declare_all`) is declared before any service starts, so that nothing
+published at start-up is lost. A service that dies is restarted with backoff, except one that
+exited 78 (EX_CONFIG: the broker refused its declarations; restarting would only loop)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from typing import IO
 
 log = logging.getLogger("vison.stack")
 
+EX_CONFIG = 78  # a service's configuration error (shared.bus.BrokerConfigError): never restarted
+
 #: name, metrics port, extra arguments
 SERVICES: list[tuple[str, int, list[str]]] = [
     ("ingest", 9101, []),
@@ -28,6 +32,7 @@ SERVICES: list[tuple[str, int, list[str]]] = [
     ("analyzer", 9103, []),
     ("metatest", 9104, []),
     ("scriptgen", 9105, ["--serve"]),
+    ("catalogue", 9106, []),
 ]
 
 
@@ -56,6 +61,7 @@ class _Child:
     proc: subprocess.Popen | None = None
     restarts: int = 0
     next_start: float = 0.0
+    failed_config: bool = False  # exited 78: not restarted
     log_file: IO | None = field(default=None, repr=False)
 
 
@@ -92,9 +98,33 @@ class Stack:
                                       start_new_session=True)
         log.info("started %s (pid %d, metrics :%d)", child.name, child.proc.pid, child.port)
 
-    def start(self) -> None:
+    def declare_topology(self) -> list[str]:
+        """Declare the exchange, dead letters and every service queue with its bindings (the
+        stack's environment), before any service starts. Raises BrokerConfigError (status 78)."""
+        from shared.config import Settings
+        from shared.topology import declare_all
+
+        env = {k[len("VISON_"):].lower(): v for k, v in self.env.items() if k.startswith("VISON_")}
+        settings = Settings(**{k: v for k, v in env.items() if k in Settings.model_fields})
+        return declare_all(settings)
+
+    def start(self, declare: bool = True) -> None:
+        """Declare the topology (``declare``), then start every service."""
+        if declare:
+            from shared.bus import BrokerConfigError
+
+            try:
+                self.declare_topology()
+            except BrokerConfigError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - no broker yet: each service declares its own on connect
+                log.warning("topology not declared before start (%s: %s)", exc.__class__.__name__, exc)
         for child in self.children:
             self._spawn(child)
+
+    def config_failures(self) -> list[str]:
+        """Services that exited 78 (configuration error) and are not restarted."""
+        return [c.name for c in self.children if c.failed_config]
 
     def poll(self) -> None:
         """Restart services that died (backoff 1 s, 2 s, ... 30 s)."""
@@ -102,7 +132,11 @@ class Stack:
         for child in self.children:
             if child.proc is None or child.proc.poll() is None:
                 continue
-            if not self.restart:
+            if not self.restart or child.failed_config:
+                continue
+            if child.proc.returncode == EX_CONFIG:
+                child.failed_config = True
+                log.error("%s exited with status 78 (configuration error, see its log); not restarted", child.name)
                 continue
             if child.next_start == 0.0:
                 delay = min(30.0, 2.0 ** child.restarts)
@@ -181,12 +215,27 @@ def run(args: argparse.Namespace) -> int:
     settings = get_settings()
     print(f"vison stack: {', '.join(f'{n} (:{table[n]})' for n in names)} on exchange {settings.exchange}; "
           f"data {stack.env.get('VISON_DATA_ROOT', settings.data_root)}. Ctrl-C to stop.", flush=True)
-    stack.start()
+    from shared.bus import BrokerConfigError, mask_url
+
+    try:
+        queues = stack.declare_topology()
+    except BrokerConfigError as exc:
+        print(f"vison stack: {exc}", file=sys.stderr, flush=True)
+        return exc.code
+    except Exception as exc:  # noqa: BLE001 - no broker yet: the services wait for it themselves
+        queues = []
+        print(f"vison stack: could not declare the topology on {mask_url(settings.amqp_url)} ({exc.__class__.__name__}); "
+              "the services declare their queues when the broker answers", file=sys.stderr, flush=True)
+    if queues:
+        log.info("topology declared: %s", ", ".join(queues))
+    stack.start(declare=False)
     try:
         while not stop["flag"]:
             time.sleep(0.5)
             stack.poll()
+            if len(stack.config_failures()) == len(stack.children):
+                break  # every service has stopped on a configuration error
     finally:
         codes = stack.stop()
         print("vison stack: stopped (" + ", ".join(f"{k} {v}" for k, v in codes.items()) + ")", flush=True)
-    return 0
+    return EX_CONFIG if stack.config_failures() else 0

@@ -18,11 +18,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from services.validator import quicklook
 from services.validator.checks import all_passed, assess_hk, assess_image, failed_leaves
-from services.validator.specific import assess_test_specific
+from services.validator.specific import assess_test_specific, injection_registers
 from services.validator.structure import ValidatorStore, check_exposure_structure, finish_test_structure
 from services.validator.worker import process_ccd
-from shared.bus import Delivery
+from shared.bus import Delivery, Reject
 from shared.config import Settings
 from shared.events import (
     CampaignDefined,
@@ -42,7 +43,9 @@ from shared.metrics import (
     QUADRANT_OFFSET,
     VALIDATION_LATENCY,
 )
+from shared.paths import PathError, resolve_under
 from shared.refdata import block_offsets, chamber_profile, elvis_formats
+from shared.storage import StorageBlocked, storage_guard
 
 log = logging.getLogger("vison.validator")
 
@@ -77,30 +80,51 @@ class Validator:
     def __init__(self, settings: Settings, pool: str = "thread", workers: int = 3):
         self.settings = settings
         self.data_root = Path(settings.data_root).resolve()
-        self.store = ValidatorStore(Path(settings.state_dir) / "validator.sqlite")
+        self.state_dir = Path(settings.state_dir)
+        self._store: ValidatorStore | None = None
+        try:
+            self.store  # noqa: B018 - open it now when the state folder allows
+        except StorageBlocked as exc:  # read-only / full: opened by the first message that needs it
+            log.error("validator: %s; the store is opened once the folder is writable", exc)
         self.pool = make_pool(pool, workers)
         self.hk_keys = list(elvis_formats()["validator_hk_keys"])
         self.chamber = _chamber(settings.chamber)
 
+    @property
+    def store(self) -> ValidatorStore:
+        """The state store, opened on first use (StorageBlocked while the state folder refuses it)."""
+        if self._store is None:
+            with storage_guard("state", self.state_dir):
+                self._store = ValidatorStore(self.state_dir / "validator.sqlite")
+        return self._store
+
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
-        self.store.close()
+        if self._store is not None:
+            self._store.close()
 
     # ---------------------------------------------------------------- dispatch
     def __call__(self, event: Any, delivery: Delivery) -> None:
         if isinstance(event, CampaignDefined):
-            self.store.save_campaign(event.block, event.definition)
+            with storage_guard("state", self.state_dir):
+                self.store.save_campaign(event.block, event.definition)
             log.info("campaign definition of block %s stored (%s)", event.block, event.campaign or "-")
             return
         if isinstance(event, TestClose):
-            delivery.publish(self.test_over(event.block, event.test, "closed by operator"))
+            with storage_guard("state", self.state_dir):
+                out = self.test_over(event.block, event.test, "closed by operator")
+            delivery.publish(out)
             return
         if isinstance(event, ExposureIngested):
-            for out in self.validate(event):
+            outputs = self.validate(event)
+            for out in outputs:
                 delivery.publish(out)
                 if isinstance(out, ExposureValidated):
                     self.observe_latency(out)
+            refused = [o for o in outputs if isinstance(o, ProcessingFailed) and o.what == "path"]
+            if refused:  # reported above; the message itself goes to the dead letters
+                raise Reject("; ".join(f"path {o.where!r} refused: {o.why}" for o in refused))
             return
         log.debug("ignoring %s", delivery.routing_key)
 
@@ -117,11 +141,9 @@ class Validator:
                         out.flag_names or out.status, out.frames_seen, out.frames_expected)
         return out
 
-    def _resolve(self, rel: str) -> Path | None:
-        path = (self.data_root / rel).resolve()
-        if path != self.data_root and self.data_root not in path.parents:
-            return None
-        return path
+    def _resolve(self, rel: str) -> Path:
+        """A path of a message under the data root (PathError: absolute, '..', symlink out)."""
+        return resolve_under(self.data_root, rel)
 
     def _failure(self, ev: ExposureIngested, what: str, where: str, why: str) -> ProcessingFailed:
         return ProcessingFailed(
@@ -136,14 +158,17 @@ class Validator:
         rows = {self._ccd_of(r, i): r for i, r in enumerate(ev.explog)}
         failures: list[ProcessingFailed] = []
         jobs: dict[int, Any] = {}
-        for ref in sorted(ev.files, key=lambda f: f.ccd or 0):
-            path = self._resolve(ref.path)
-            if path is None:
-                failures.append(self._failure(ev, "path", ref.path, "outside the data root: refused"))
+        for ref in [*(() if ev.hk_file is None else (ev.hk_file,)), *sorted(ev.files, key=lambda f: f.ccd or 0)]:
+            try:
+                path = self._resolve(ref.path)
+            except PathError as exc:
+                failures.append(self._failure(ev, "path", ref.path, f"outside the data root: refused ({exc.reason})"))
+                continue
+            if ref is ev.hk_file:
                 continue
             row = rows.get(ref.ccd or 0, {})
             vstart, vend = int(_num(row.get("vstart"), 0)), int(_num(row.get("vend"), 2086))
-            args = (str(path), ref.sha256, vstart, vend)
+            args = (str(path), ref.sha256, vstart, vend, injection_registers(row))
             jobs[ref.ccd or 0] = self.pool.submit(process_ccd, *args) if self.pool else args
         results = {}
         for ccd, job in jobs.items():
@@ -163,10 +188,11 @@ class Validator:
 
         stats = {f"CCD{ccd}": res["stats"] for ccd, res in sorted(results.items())}
         rows_by_ccd = {f"CCD{ccd}": row for ccd, row in rows.items()}
+        injection = {f"CCD{ccd}": res["injection"] for ccd, res in sorted(results.items()) if res.get("injection")}
         image_tree, flags = assess_image(ev.test, block_offsets(ev.block), stats, rows_by_ccd)
         compliance: dict[str, Any] = dict(image_tree)
         notes: list[str] = []
-        specific_tree, specific_flags, specific_notes = assess_test_specific(ev.test, stats, rows_by_ccd, self.chamber)
+        specific_tree, specific_flags, specific_notes = assess_test_specific(ev.test, stats, rows_by_ccd, self.chamber, injection)
         if specific_tree:
             compliance["test"] = specific_tree
         flags |= specific_flags
@@ -179,10 +205,14 @@ class Validator:
             notes.append(hk_note)
         flags |= hk_flags
 
-        previous = self.store.switch_test(ev.block, ev.test, ev.obsid)
+        with storage_guard("state", self.state_dir):
+            previous = self.store.switch_test(ev.block, ev.test, ev.obsid)
         over = [self.test_over(ev.block, previous, "next test started")] if previous else []
         try:
-            status, structure_tree, structure_flags = check_exposure_structure(self.store, ev.block, ev.test, ev.obsid, rows)
+            with storage_guard("state", self.state_dir):
+                status, structure_tree, structure_flags = check_exposure_structure(self.store, ev.block, ev.test, ev.obsid, rows)
+        except StorageBlocked:
+            raise  # retried (the message stays unacknowledged) until the state folder is writable
         except Exception as exc:  # the exposure's verdict must not depend on the campaign code working
             log.exception("structure check of ObsID %s failed", ev.obsid)
             status, structure_tree, structure_flags = f"not checked: {exc.__class__.__name__}: {exc}", {}, Flag(0)
@@ -202,6 +232,7 @@ class Validator:
             processing_seconds=round(t2 - t0, 4), notes=notes,
         )
         self._metrics(out, t1 - t0, t2 - t1)
+        quicklook.write_safely(out, results, self.data_root, self.settings.products_root)  # logs, never raises
         if not passed:
             log.info("ObsID %s %s: flags %s; failing %s", ev.obsid, ev.test, out.flag_names, failed_leaves(compliance)[:8])
         return [*over, out]
@@ -218,7 +249,10 @@ class Validator:
         """HK checks over the exposure from its per-exposure HK file."""
         from shared.hk import HKFormatError, check_hk_limits, read_hk
 
-        path = self._resolve(ev.hk_file.path) if ev.hk_file else self._find_hk(ev)
+        try:
+            path = self._resolve(ev.hk_file.path) if ev.hk_file else self._find_hk(ev)
+        except PathError as exc:
+            return {}, Flag(0), f"HK not checked: {exc}"
         if path is None or not path.is_file():
             return {}, Flag(0), "HK not checked: no per-exposure HK file"
         try:
@@ -235,12 +269,13 @@ class Validator:
         if not ev.files:
             return None
         folder = self._resolve(str(Path(ev.files[0].path).parent))
-        if folder is None or not folder.is_dir():
+        if not folder.is_dir():
             return None
         for candidate in sorted(folder.glob(f"HK_{ev.obsid}_*_ROE{ev.roe}.txt")):
-            resolved = self._resolve(str(candidate.relative_to(self.data_root)))
-            if resolved is not None:
-                return resolved
+            try:
+                return self._resolve(str(candidate.relative_to(self.data_root)))
+            except PathError:
+                continue
         return None
 
     def _metrics(self, out: ExposureValidated, t_frames: float, t_checks: float) -> None:

@@ -250,16 +250,64 @@ def define_campaign(config: CampaignConfig) -> CampaignDefinition:
                               total_frames=sum(p.expected_frames for p in plans), duration_s=offset)
 
 
+#: most YAML nodes a configuration may expand to (aliases counted each time they are used):
+#: a "billion laughs" document is refused instead of hanging the validation
+MAX_YAML_NODES = 100_000
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int]) -> int:
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = 1  # a recursive alias counts once (the constructor handles the cycle)
+    if isinstance(node, yaml.SequenceNode):
+        total = 1 + sum(_expanded_nodes(n, memo) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total = 1 + sum(_expanded_nodes(k, memo) + _expanded_nodes(v, memo) for k, v in node.value)
+    else:
+        total = 1
+    memo[key] = min(total, MAX_YAML_NODES + 1)
+    return memo[key]
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` that refuses malformed YAML and alias bombs with a ValueError naming the source."""
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as exc:  # the reader checks the characters at once
+        raise ValueError(f"campaign configuration {source}: invalid YAML: {exc}") from None
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_nodes(node, {}) > MAX_YAML_NODES:
+            raise ValueError(f"campaign configuration {source}: more than {MAX_YAML_NODES} YAML nodes "
+                             "once aliases are expanded (refused)")
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"campaign configuration {source}: invalid YAML: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"campaign configuration {source}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
 def load_campaign_config(source: str | Path | Mapping[str, Any]) -> CampaignConfig:
-    """A configuration from a YAML file path, YAML text or a mapping (ValidationError on errors)."""
+    """A configuration from a YAML file path, YAML text or a mapping (ValidationError on a bad
+    field; ValueError naming the file or ``<text>`` for malformed YAML or a non-mapping)."""
     if isinstance(source, Mapping):
         data = dict(source)
     else:
         path = Path(source) if not (isinstance(source, str) and "\n" in source) else None
-        text = path.read_text() if path is not None else str(source)
-        data = yaml.safe_load(text) or {}
+        name = str(path) if path is not None else "<text>"
+        try:
+            text = path.read_bytes().decode("utf-8") if path is not None else str(source)
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"campaign configuration {name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        data = _load_yaml(text, name) or {}
         if not isinstance(data, dict):
-            raise ValueError("campaign configuration: expected a mapping at the top level")
+            raise ValueError(f"campaign configuration {name}: expected a mapping at the top level, "
+                             f"got {type(data).__name__}")
     return CampaignConfig.model_validate(data)
 
 
