@@ -53,38 +53,19 @@ class SimExposure(ExposureFrames):
     """An exposure of the CCDs ``ccds`` whose canonical quadrants ``quads`` are simulated when
     the extraction asks for them (one CCD at a time)."""
 
-    def __init__(self, model: DetectorModel, obsid: int, exptime: float, ccds: list[str], quads: list[str], tag: str):
+    def __init__(self, model: DetectorModel, obsid: int, exptime: float, ccds: list[str], quads: list[str], tag: str,
+                 drift: float = 1.0):
         metas = {c: FrameMeta(obsid=obsid, ccd=int(c[-1]), path=f"/sim/{tag}_{obsid}_{c}.fits", exptime=exptime, test="PTC01",
                               values={"wave": 800}) for c in ccds}
         super().__init__(obsid=obsid, block="BENCH", test="PTC01", frames=metas)
-        self.model, self.quads, self.tag = model, quads, tag
+        self.model, self.quads, self.tag, self.drift = model, quads, tag, drift
 
     def quadrants(self, ccd: str) -> dict[str, np.ndarray]:
-        flux = FULL_SCALE_ADU * REFERENCE_GAIN / T_FWC
-        e = Exposure(kind="flat", exptime=self.exptime, flux_e_per_s=flux)
+        flux = FULL_SCALE_ADU * REFERENCE_GAIN / T_FWC * self.drift
+        e = Exposure(kind="flat" if self.exptime > 0 else "bias", exptime=self.exptime, flux_e_per_s=flux)
         geo = Geometry()
         return {q: to_uint16(self.model.simulate_quadrant(ccd, q, e, self.model.rng(self.tag, self.obsid - 1, ccd, q), geo).data)
                 .astype(np.float32) for q in self.quads}
-
-
-def lazy_flats(model: DetectorModel, ccd: str, quads: list[str], plan: list[tuple[float, str]], tag: str, drift_per_h: float = 0.0):
-    """FrameInputs simulated on load: plan = [(fraction of 2^16 ADU, comment)], 93.5 s + exptime apart
-    (the whole-test flat / NL analyses: their cases stay on ``services.analyzer.analysis`` until ported)."""
-    from services.analyzer.analysis.common import FrameInput
-    geo = Geometry()
-    flux = FULL_SCALE_ADU * REFERENCE_GAIN / T_FWC
-    frames, t = [], 0.0
-    for k, (frac, comment) in enumerate(plan):
-        et = frac * T_FWC
-        on = comment != "BGD"
-
-        def load(k=k, et=et, on=on, t=t):
-            e = Exposure(kind="flat" if on else "bias", exptime=et, flux_e_per_s=flux * (1 + drift_per_h * t / 3600) * on)
-            return {q: to_uint16(model.simulate_quadrant(ccd, q, e, model.rng(tag, k, ccd, q), geo).data).astype(np.float32) for q in quads}
-
-        frames.append(FrameInput(quads=load, exptime=et, obsid=k + 1, ccd=ccd, wave=800, time=t, meta={"comments": comment}))
-        t += et + 93.5
-    return frames
 
 
 def bench_ptc(args, ccds: list[str], quads: list[str]) -> None:
@@ -141,58 +122,49 @@ def bench_ptc(args, ccds: list[str], quads: list[str]) -> None:
 
 
 def bench_nl(args, ccds: list[str], quads: list[str]) -> None:
+    """NL01 through the NL family's two stages on simulated frames (1 % quadratic NL, 2 %/h drift)."""
+    from datetime import datetime, timedelta
+
+    from services.analyzer.families import nl
+
     model = DetectorModel(PhysicsConfig(nl_pct=1.0, nl_at_fraction=0.9, drift_pct_per_hour=2.0), block="BENCH", seed=args.seed + 1)
     per = 2 if args.quick else 4
-    plan = [(0.01, "BGD")] * 3
+    plan = [(0.0, "BGD")] * 3
     for f in NL_FLUENCES:
         plan += [(0.5, "STAB")] + [(f / 100, "FLU")] * per
     plan += [(0.5, "STAB")]
     ccd = ccds[0]
-    frames = lazy_flats(model, ccd, quads, plan, "nl", drift_per_h=0.02)
+    start, t = datetime(2024, 3, 1, 8), 0.0
+    exposures = []
+    for k, (frac, comment) in enumerate(plan):
+        e = SimExposure(model, k + 1, frac * T_FWC, [ccd], quads, "nl", drift=1 + 0.02 * t / 3600)
+        e.frames[ccd].values["comments"] = comment
+        e.date = start + timedelta(seconds=t)
+        exposures.append(e)
+        t += frac * T_FWC + 93.5
     t0 = time.perf_counter()
-    from services.analyzer.analysis import nl
+    params = nl.FAMILY.parameters({})
+    exts = [nl.FAMILY.run_extraction((e,), Calibrations(), params) for e in exposures]
+    from services.analyzer.family import TestRun
+    from services.analyzer.model import ListSink
 
-    an = nl.analyse_nl(frames, quadrants=quads)
-    print(f"# NL01: {len(frames)} frames, {ccd} x {len(quads)} quadrants, 1 % NL at 90 % of 2^16 ADU, 2 %/h drift, "
+    out = nl.FAMILY.solve(exts, Calibrations(), params, TestRun.of("NL01", "BENCH"), ListSink())
+    print(f"# NL01: {len(exposures)} frames, {ccd} x {len(quads)} quadrants, 1 % NL at 90 % of 2^16 ADU, 2 %/h drift, "
           f"{time.perf_counter() - t0:.0f} s")
     for q in quads:
-        t = model.truth[ccd].quadrants[q]
-        r = an.quads[ccd][q].result
-        full_well = min(FULL_SCALE_ADU, t.full_well_adu, 65535 - t.offset_adu)
+        t_ = model.truth[ccd].quadrants[q]
+        r = out.results[ccd][q]
+        full_well = min(FULL_SCALE_ADU, t_.full_well_adu, 65535 - t_.offset_adu)
         grid = np.linspace(0.005, 0.9, 300) * full_well
-        err = nl.nl_at(r, grid) - 100 * t.nl.beta_per_adu * grid
+        err = nl.nl_at(r, grid) - 100 * t_.nl.beta_per_adu * grid
         k = int(np.argmax(np.abs(err)))
-        report("NL curve max |err|", f"{ccd} {q}", float(nl.nl_at(r, grid[k:k + 1])[0]), 100 * t.nl.beta_per_adu * grid[k], float(err[k]), "pt", 0.1)
-        report("max NL", f"{ccd} {q}", r.max_nl_pct, 100 * t.nl.beta_per_adu * r.max_nl_fluence_adu,
-               r.max_nl_pct - 100 * t.nl.beta_per_adu * r.max_nl_fluence_adu, "pt", 0.1)
-
-
-def bench_flat(args, ccds: list[str], quads: list[str]) -> None:
-    prnu = 1.0
-    model = DetectorModel(PhysicsConfig(prnu_pct=prnu, bad_columns=6), block="BENCH", seed=args.seed + 2)
-    ccd = ccds[0]
-    n1, n2 = (6, 4) if args.quick else (20, 10)
-    frames = lazy_flats(model, ccd, quads, [(0.25, "FLU")] * n1 + [(0.75, "FLU")] * n2, "flat")
-    t0 = time.perf_counter()
-    from services.analyzer.analysis import flat
-
-    an = flat.analyse_flat(frames, quadrants=quads)
-    print(f"# FLAT01-like: {len(frames)} frames (25 % x {n1}, 75 % x {n2}), {ccd} x {len(quads)} quadrants, "
-          f"{time.perf_counter() - t0:.0f} s")
-    for q in quads:
-        r = an.results[ccd][q]
-        w = f"{ccd} {q}"
-        report("PRNU (corrected)", w, r.prnu_pct, prnu, 100 * (r.prnu_pct / prnu - 1), "%", 5.0)
-        report("PRNU (master)", w, r.prnu_master_pct, prnu, 100 * (r.prnu_master_pct / prnu - 1), "%", 5.0)
-        report("PRNU (raw)", w, r.prnu_raw_pct, prnu, 100 * (r.prnu_raw_pct / prnu - 1), "%", None)
-        dead = [b for b in model.truth[ccd].bad_columns if b.quadrant == q and b.kind == "dead"]
-        report("dead columns masked", w, r.n_bad_columns, len(dead), r.n_bad_columns - len(dead), "n", 0)
+        report("NL curve max |err|", f"{ccd} {q}", float(nl.nl_at(r, grid[k:k + 1])[0]), 100 * t_.nl.beta_per_adu * grid[k], float(err[k]), "pt", 0.1)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 CCD, 2 quadrants, fewer frames")
-    parser.add_argument("--only", default="ptc,nl,flat", help="comma list of ptc, nl, flat")
+    parser.add_argument("--only", default="ptc,nl", help="comma list of ptc, nl (flats: bench/family_flat.py prints the PRNU against truth)")
     parser.add_argument("--ccds", type=int, default=3, help="CCDs in the PTC run (1..3)")
     parser.add_argument("--seed", type=int, default=2024)
     args = parser.parse_args()
@@ -205,8 +177,6 @@ def main() -> int:
         bench_ptc(args, ccds, quads)
     if "nl" in only:
         bench_nl(args, ccds, quads)
-    if "flat" in only:
-        bench_flat(args, ccds, quads)
     print(f"# summary ({time.perf_counter() - t0:.0f} s): max |error| per quantity")
     fails = 0
     for quantity in dict.fromkeys(r[0] for r in ROWS):

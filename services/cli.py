@@ -26,8 +26,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validator": ("services.validator.main", "run the validator service"),
     "analyzer": ("services.analyzer.main", "run the analyzer service (collector + workers)"),
     "analyze": ("services.analyzer.offline", "run a test's analysis offline on a data folder"),
+    "reprocess": ("services.analyzer.reprocess", "re-analyse every test of a data root on the shared analyzer queue"),
+    "metatest": ("services.metatest.main", "run the FPA metatest service (or --products DIR: offline FPA products)"),
     "scriptgen": ("services.scriptgen.main", "write acquisition scripts for a campaign (or run as a service)"),
     "grafana": ("services.tools.grafana", "publish the Grafana dashboards to a running Grafana"),
+    "catalogue": ("services.catalogue.main", "fill the results catalogue from the bus (or rebuild it from products)"),
+    "show": ("services.tools.show", "send an exposure's 3 frames to an image viewer over SAMP (ds9, Aladin)"),
 }
 
 

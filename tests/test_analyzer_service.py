@@ -1,33 +1,38 @@
-"""The analyzer service on the real broker (own vhost per test), run as a process (``vison
-analyzer`` through ``services.tools.stack``): a simulated BIAS01 played as ``exposure.validated``
-events yields exactly one ``analysis.completed.BIAS01`` and its products; a worker killed
-(SIGKILL) mid-analysis still gives exactly one result; a failing analysis publishes
-``processing.failed`` + SUBTASKCRASH and the worker lives on; the real chain ingest -> validator
--> analyzer."""
+"""The analyzer service (engine v2) on the real broker (own vhost per test), run as processes
+(``vison analyzer`` through ``services.tools.stack``) with the small test families of
+tests/test_analyzer_support.py (fast frames) and, on full-size frames, the real BIAS01 family:
+
+- live results equal the offline ``vison analyze`` of the same frames (test family + BIAS01);
+- a redelivered extraction job, a worker SIGKILLed mid-extraction and mid-solve: exactly one
+  distinct ``analysis.completed`` event id per test run, results equal to an undisturbed run;
+- a frame unreadable at extraction: ``processing.failed`` naming it, a MISSDATA result;
+- declared needs: a dark before its bias waits, then runs; a gain arriving later re-analyses
+  the bias (new event id, ``reanalysis`` set);
+- a failing solve: ``processing.failed`` + SUBTASKCRASH, the worker lives on;
+- ``vison analyzer status``.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
 
-from services.analyzer.collector import BINDINGS
-from services.tools.stack import Stack, free_port
-from shared.bus import Publisher, Subscription, ensure_queue
-from shared.config import get_settings
-from shared.events import AnalysisCompleted, CampaignDefined, ExposureValidated, FileRef, ProcessingFailed, parse_event
-from shared.explog import merge_explogs, read_explog
-from shared.geometry import QUADRANTS
+sys.path.insert(0, str(Path(__file__).parent))
+import test_analyzer_support as support  # noqa: E402
+
+from services.analyzer.coordinator import BINDINGS  # noqa: E402
+from services.analyzer.jobs import jobs_queue  # noqa: E402
+from services.tools.stack import Stack, free_port  # noqa: E402
+from shared.bus import Publisher, Subscription, ensure_queue  # noqa: E402
+from shared.config import get_settings  # noqa: E402
+from shared.events import AnalysisCompleted, CampaignDefined, ProcessingFailed, TestClose, parse_event  # noqa: E402
 
 pytestmark = pytest.mark.broker
 
@@ -35,42 +40,28 @@ pytestmark = pytest.mark.broker
 # ----------------------------------------------------------------------------- helpers
 
 
-def _sim(data: Path, test: str, frames: int, seed: int, *extra: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "services.cli", "sim", "--out", str(data), "--block", "BORN", "--seed",
-                          str(seed), "--test", test, "--frames", str(frames), *extra],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads((data / "truth.json").read_text())
+@pytest.fixture
+def env(vison_env, tmp_path, monkeypatch):
+    """The service environment with the test families loaded."""
+    extra = {"VISON_ANALYZER_PLUGINS": support.PLUGIN, "VISON_TEST_MARKER": str(tmp_path / "markers")}
+    for k, v in extra.items():
+        monkeypatch.setenv(k, v)
+    get_settings.cache_clear()
+    from services.analyzer import registry
+
+    registry.reload()
+    yield {**vison_env, **extra}
+    registry.reload()
 
 
-def _validated(data_root: Path, block: str = "BORN", test: str | None = None) -> list[ExposureValidated]:
-    """One exposure.validated event per ObsID of the data folder, as the validator publishes them
-    (files relative to the data root with their SHA-256, exposure-log rows)."""
-    logs = sorted(data_root.rglob("EXP_LOG_*.txt"))
-    rows = merge_explogs([read_explog(p, complete=True) for p in logs]).rows
-    events = []
-    for obsid in sorted({r.obsid for r in rows}):
-        mine = [r for r in rows if r.obsid == obsid]
-        files = []
-        for r in mine:
-            path = next(data_root.rglob(f"{r.file_name}.fits"))
-            blob = path.read_bytes()
-            files.append(FileRef(ccd=r.ccd, path=path.relative_to(data_root).as_posix(),
-                                 sha256=hashlib.sha256(blob).hexdigest(), size=len(blob)))
-        events.append(ExposureValidated(obsid=obsid, block=block, test=test or mine[0].test, files=files,
-                                        explog=[{**r.values, "ccd": r.ccd} for r in mine], passed=True, flags=0,
-                                        flag_names=[], compliance={}, stats={}, producer="validator"))
-    return events
+def campaign(block: str, expected: dict[str, int], params: dict[str, dict] | None = None, data_from=None) -> CampaignDefined:
+    tests = [{"name": k, "expected_frames": v, "params": (params or {}).get(k), "data_from": (data_from or {}).get(k)}
+             for k, v in expected.items()]
+    return CampaignDefined(block=block, campaign="test", producer="scriptgen", definition={"tests": tests})
 
 
-def _campaign(block: str, expected: dict[str, int]) -> CampaignDefined:
-    return CampaignDefined(block=block, campaign="test", producer="scriptgen",
-                           definition={"tests": [{"name": k, "expected_frames": v} for k, v in expected.items()]})
-
-
-def _collect(sub: Subscription, until, timeout: float, settle: float = 3.0) -> list:
-    """Events from the subscription until ``until(events)`` is true, then ``settle`` s more
-    (anything extra, e.g. a duplicate, would arrive then)."""
+def collect(sub: Subscription, until, timeout: float, settle: float = 2.0) -> list:
+    """Events until ``until(events)``, then ``settle`` s more (a duplicate would arrive then)."""
     events: list = []
     end = time.monotonic() + timeout
     while time.monotonic() < end and not until(events):
@@ -83,231 +74,367 @@ def _collect(sub: Subscription, until, timeout: float, settle: float = 3.0) -> l
     return events
 
 
-def _jobs(state_dir: Path) -> list[dict]:
-    path = state_dir / "analyzer.sqlite"
-    if not path.exists():
-        return []
-    con = sqlite3.connect(str(path), timeout=10)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute("SELECT * FROM jobs ORDER BY created_at")]
-    except sqlite3.OperationalError:
-        return []
-    finally:
-        con.close()
+def completed(events, test: str | None = None) -> list[AnalysisCompleted]:
+    return [e for e in events if isinstance(e, AnalysisCompleted) and (test is None or e.test == test)]
 
 
-def _stack(vison_env: dict, tmp_path: Path, workers: int, services=("analyzer",), extra=None) -> tuple[Stack, dict]:
+def stack(env: dict, tmp_path: Path, workers: int = 2, services=("analyzer",), extra=None) -> Stack:
     ports = {s: free_port() for s in services}
     args = {"analyzer": ["--workers", str(workers)], **(extra or {})}
-    return Stack(list(services), env={**vison_env, "VISON_BLOCK": "BORN"}, ports=ports, log_dir=tmp_path / "logs",
-                 restart=False, extra_args=args), ports
+    return Stack(list(services), env={**env, "VISON_BLOCK": "BORN"}, ports=ports, log_dir=tmp_path / "logs",
+                 restart=False, extra_args=args)
 
 
-def _log(tmp_path: Path, name: str = "analyzer") -> str:
+def log_of(tmp_path: Path, name: str = "analyzer") -> str:
     path = tmp_path / "logs" / f"{name}.log"
-    return path.read_text(errors="replace")[-6000:] if path.exists() else ""
+    return path.read_text(errors="replace")[-8000:] if path.exists() else ""
+
+
+def offline(data: Path, out: Path, test: str, *args: str) -> dict:
+    from services.cli import main
+
+    assert main(["analyze", test, "--data", str(data), "--out", str(out), "--block", "BORN", "--workers", "0",
+                 "--no-progress", *args]) == 0
+    return support.results_json(out, "BORN", test)
+
+
+def wait_for(cond, timeout: float, what: str, step: float = 0.05):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = cond()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def status(env: dict) -> list[dict]:
+    out = subprocess.run([sys.executable, "-m", "services.cli", "analyzer", "status", "--json"], capture_output=True, text=True,
+                         env={**os.environ, **env}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
 
 
 # ----------------------------------------------------------------------------- tests
 
 
-@pytest.mark.fullsize
-def test_simulated_bias01_yields_one_completed_analysis_with_products(vison_env, tmp_path):
-    settings = get_settings()
-    data, products = Path(settings.data_root), Path(settings.products_root)
-    truth = _sim(data, "BIAS01", 1, 41)
-    events_in = _validated(data)
-    ensure_queue(settings, "analyzer", BINDINGS)
-    stack, ports = _stack(vison_env, tmp_path, workers=1)
-    with Subscription(settings, ["analysis.completed.#", "processing.failed.#"]) as sub, Publisher(settings) as pub:
-        stack.start()
-        try:
-            pub.publish(_campaign("BORN", {"BIAS01": 1}))
-            for ev in events_in:
-                pub.publish(ev)
-            # the same exposure again (new event id, as after an ingest restart): no second job
-            pub.publish(events_in[0].model_copy(update={"event_id": uuid.uuid4()}))
-            events = _collect(sub, lambda evs: any(isinstance(e, AnalysisCompleted) for e in evs), 180, settle=2)
-            metrics = urllib.request.urlopen(f"http://127.0.0.1:{ports['analyzer']}/metrics", timeout=10).read().decode()
-        finally:
-            codes = stack.stop()
-    log = _log(tmp_path)
-    assert codes == {"analyzer": 0}, log
-    assert not [e for e in events if isinstance(e, ProcessingFailed)], log
-    done = [e for e in events if isinstance(e, AnalysisCompleted)]
-    assert len(done) == 1, (done, log)
-    ev = done[0]
-    assert ev.routing_key() == "analysis.completed.BIAS01.BORN" and ev.status == "completed"
-    assert ev.test == "BIAS01" and ev.block == "BORN" and ev.obsids == [1] and ev.producer == "analyzer"
-    for ccd in ("CCD1", "CCD2", "CCD3"):
-        for q in QUADRANTS:
-            v, t = ev.results[ccd][q], truth["ccds"][ccd]["quadrants"][q]
-            assert abs(v["offset_pre"] - t["offset_adu"]) < 0.05 and abs(v["ron_img_adu"] / t["ron_adu"] - 1) < 0.02
-    assert "BORN/BIAS01/results.json" in ev.products and "BORN/BIAS01/master_bias_CCD1.fits" in ev.products
-    assert all((products / p).is_file() for p in ev.products)
-    doc = json.loads((products / "BORN" / "BIAS01" / "results.json").read_text())
-    assert doc["status"] == "completed" and doc["provenance"]["job_id"] == ev.provenance["job_id"]
-    jobs = _jobs(Path(settings.state_dir))
-    assert [(j["test"], j["status"], j["reason"], j["attempts"]) for j in jobs] == [("BIAS01", "completed", "complete", 1)]
-    assert 'vison_analyses_total{status="completed",test="BIAS01"} 1.0' in metrics
-    assert 'vison_analysis_duration_seconds_count{test="BIAS01"} 1.0' in metrics
-
-
-@pytest.mark.fullsize
-def test_worker_killed_mid_analysis_gives_exactly_one_result(vison_env, tmp_path):
-    settings = get_settings()
-    data, products = Path(settings.data_root), Path(settings.products_root)
-    _sim(data, "BIAS01", 1, 42)
-    events_in = _validated(data)
-    ensure_queue(settings, "analyzer", BINDINGS)
-    stack, _ = _stack(vison_env, tmp_path, workers=2)
-    killed = None
-    with Subscription(settings, ["analysis.completed.#", "processing.failed.#"]) as sub, Publisher(settings) as pub:
-        stack.start()
-        try:
-            pub.publish(_campaign("BORN", {"BIAS01": 1}))
-            for ev in events_in:
-                pub.publish(ev)
-            # wait until a worker is inside the analysis (first CCD's master bias written), then SIGKILL it
-            end = time.monotonic() + 120
-            first_product = products / "BORN" / "BIAS01" / "master_bias_CCD1.fits"
-            while time.monotonic() < end and killed is None:
-                running = [j for j in _jobs(Path(settings.state_dir)) if j["status"] == "running"]
-                if running and first_product.exists():
-                    killed = int(running[0]["owner"].split(":")[1])
-                    os.kill(killed, signal.SIGKILL)
-                time.sleep(0.05)
-            assert killed is not None, _log(tmp_path)
-            events = _collect(sub, lambda evs: any(isinstance(e, AnalysisCompleted) for e in evs), 180, settle=5)
-        finally:
-            codes = stack.stop()
-    log = _log(tmp_path)
-    assert codes == {"analyzer": 0}, log
-    done = [e for e in events if isinstance(e, AnalysisCompleted)]
-    assert len(done) == 1 and done[0].status == "completed", (done, log)
-    assert not [e for e in events if isinstance(e, ProcessingFailed)], log
-    jobs = _jobs(Path(settings.state_dir))
-    assert len(jobs) == 1 and jobs[0]["status"] == "completed"
-    assert jobs[0]["attempts"] == 2  # the killed run and the one that completed
-    assert int(jobs[0]["owner"].split(":")[1]) != killed
-    assert f"(pid {killed}) exited with code -9; restarting" in log
-    assert json.loads((products / "BORN" / "BIAS01" / "results.json").read_text())["status"] == "completed"
-
-
-@pytest.mark.fullsize
-def test_service_stopped_mid_analysis_and_restarted_gives_one_result(vison_env, tmp_path):
-    """SIGTERM to the analyzer during an analysis: the job goes back to the queue (attempt not
-    counted); the restarted service (same state dir) runs it once; nothing is enqueued twice."""
-    settings = get_settings()
-    data, products = Path(settings.data_root), Path(settings.products_root)
-    _sim(data, "BIAS01", 1, 44)
-    events_in = _validated(data)
-    ensure_queue(settings, "analyzer", BINDINGS)
-    with Subscription(settings, ["analysis.completed.#", "processing.failed.#"]) as sub, Publisher(settings) as pub:
-        first, _ = _stack(vison_env, tmp_path, workers=1)
-        first.start()
-        try:
-            pub.publish(_campaign("BORN", {"BIAS01": 1}))
-            for ev in events_in:
-                pub.publish(ev)
-            end = time.monotonic() + 120
-            first_product = products / "BORN" / "BIAS01" / "master_bias_CCD1.fits"
-            while time.monotonic() < end and not first_product.exists():
-                time.sleep(0.05)
-            assert first_product.exists(), _log(tmp_path)
-        finally:
-            codes = first.stop()
-        assert codes == {"analyzer": 0}, _log(tmp_path)
-        jobs = _jobs(Path(settings.state_dir))
-        assert [(j["status"], j["attempts"]) for j in jobs] == [("queued", 0)], jobs
-        early = [parse_event(b, rk) for rk, _, b in sub.messages(timeout=0.5)]
-        second, _ = _stack(vison_env, tmp_path, workers=1)
-        second.start()
-        try:
-            events = early + _collect(sub, lambda evs: any(isinstance(e, AnalysisCompleted) for e in evs), 180, settle=2)
-        finally:
-            codes = second.stop()
-    log = _log(tmp_path)
-    assert codes == {"analyzer": 0}, log
-    done = [e for e in events if isinstance(e, AnalysisCompleted)]
-    assert len(done) == 1 and done[0].status == "completed", (events, log)
-    jobs = _jobs(Path(settings.state_dir))
-    assert [(j["status"], j["attempts"]) for j in jobs] == [("completed", 1)]
-    assert "goes back to the queue" in log
-
-
-def test_failed_analysis_publishes_processing_failed_and_worker_lives_on(vison_env, tmp_path):
-    """DARK01 frames without exposure time cannot be analysed: processing.failed with the
-    traceback summary, analysis.completed status failed + SUBTASKCRASH, results.json failed;
-    the same worker then takes the next job (DARK01.2)."""
+def test_live_equals_offline_and_redelivered_extraction_changes_nothing(env, tmp_path):
     settings = get_settings()
     data = Path(settings.data_root)
-    events_in = []
-    for obsid, label in ((1, "DARK01"), (2, "DARK01.2")):
-        files, rows = [], []
-        for ccd in (1, 2, 3):
-            path = data / "011125" / f"EUC_{obsid}_011125D120000T_ROE1_CCD{ccd}.fits"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b"not really a frame")  # never read: the analysis fails on its metadata
-            files.append(FileRef(ccd=ccd, path=path.relative_to(data).as_posix(),
-                                 sha256=hashlib.sha256(path.read_bytes()).hexdigest(), size=path.stat().st_size))
-            rows.append({"ccd": ccd, "exptime": 0.0, "test": label})
-        events_in.append(ExposureValidated(obsid=obsid, block="BORN", test=label, files=files, explog=rows, passed=True,
-                                           flags=0, flag_names=[], compliance={}, stats={}, producer="validator"))
+    events_in = support.write_exposures(data, "QMEAN01", [1, 2, 3], seed=1)
     ensure_queue(settings, "analyzer", BINDINGS)
-    stack, _ = _stack(vison_env, tmp_path, workers=1)
+    st = stack(env, tmp_path)
     with Subscription(settings, ["analysis.completed.#", "processing.failed.#"]) as sub, Publisher(settings) as pub:
-        stack.start()
+        st.start()
         try:
-            pub.publish(_campaign("BORN", {"DARK01": 1, "DARK01.2": 1}))
+            pub.publish(campaign("BORN", {"QMEAN01": 3}))
             for ev in events_in:
                 pub.publish(ev)
-            events = _collect(sub, lambda evs: sum(isinstance(e, AnalysisCompleted) for e in evs) >= 2, 120, settle=2)
+            events = collect(sub, lambda evs: completed(evs), 120)
+            # an extraction job delivered again (same id): answered from the stored output, no new event
+            from services.analyzer.store import AnalyzerStore
+
+            store = AnalyzerStore.in_state_dir(settings.state_dir)
+            unit = store.units("BORN", "QMEAN01")[0]
+            store.close()
+            pub.send(jobs_queue(settings), unit["message"].encode(), message_id=unit["job_id"])
+            wait_for(lambda: "stored output re-used" in log_of(tmp_path), 60, "the re-delivered job's reply")
+            events += collect(sub, lambda evs: False, 0, settle=2)
+            rows = status(env)
+            import urllib.request
+
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{st.children[0].port}/metrics", timeout=10).read().decode()
         finally:
-            codes = stack.stop()
-    log = _log(tmp_path)
+            codes = st.stop()
+    log = log_of(tmp_path)
+    assert codes == {"analyzer": 0}, log
+    assert not [e for e in events if isinstance(e, ProcessingFailed)], log
+    done = completed(events)
+    assert len({e.event_id for e in done}) == 1 and done[0].status == "completed", (done, log)
+    ev = done[0]
+    assert ev.test == "QMEAN01" and ev.block == "BORN" and ev.obsids == [1, 2, 3] and ev.reanalysis is None
+    assert "BORN/QMEAN01/results.json" in ev.products
+    doc = support.results_json(Path(settings.products_root), "BORN", "QMEAN01")
+    assert doc["results"] == ev.results and doc["provenance"]["job_id"] == ev.provenance["job_id"]
+    assert sorted(p.name for p in (Path(settings.products_root) / "BORN/QMEAN01/_extractions/qmean").iterdir()) == \
+        ["e1.npz", "e2.npz", "e3.npz"]
+    want = offline(data, tmp_path / "offline", "QMEAN01")
+    assert want["results"] == ev.results
+    assert abs(ev.results["CCD2"]["F"]["mean_adu"] - 1025.0) < 1.0 and ev.results["CCD2"]["F"]["n"] == 3
+    row = next(r for r in rows if r["test"] == "QMEAN01")
+    assert row["state"] == "completed" and row["event_id"] == str(ev.event_id)
+    assert row["exposures"] == 3 and row["expected"] == 3 and row["units"]["done"] == 3
+    assert 'vison_analyses_total{status="completed",test="QMEAN01"} 1.0' in metrics
+    assert 'vison_analysis_duration_seconds_count{test="QMEAN01"} 1.0' in metrics
+    assert 'vison_extraction_seconds_count{family="qmean"} 3.0' in metrics
+    assert 'vison_solve_seconds_count{family="qmean"} 1.0' in metrics
+    assert 'vison_analyzer_runs{state="completed"} 1.0' in metrics
+
+
+def test_workers_killed_mid_extraction_and_mid_solve_give_one_result_each(env, tmp_path):
+    settings = get_settings()
+    data = Path(settings.data_root)
+    markers = tmp_path / "markers"
+    first = support.write_exposures(data, "QMEAN01", [1, 2], seed=2)
+    second = support.write_exposures(data, "QMEAN01.2", [3, 4], seed=3)
+    ensure_queue(settings, "analyzer", BINDINGS)
+    st = stack(env, tmp_path)
+    killed = []
+
+    def kill_first(kind: str) -> int:
+        mark = wait_for(lambda: sorted(markers.glob(f"*.{kind}")), 60, f"a worker inside a {kind} job")[0]
+        pid = int(mark.name.split(".")[0])
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+        return pid
+
+    slow = {"sleep": 1.5}
+    with Subscription(settings, ["analysis.completed.#", "processing.failed.#"]) as sub, Publisher(settings) as pub:
+        st.start()
+        try:
+            pub.publish(campaign("BORN", {"QMEAN01": 2, "QMEAN01.2": 2}, {"QMEAN01": slow, "QMEAN01.2": slow}))
+            for ev in first:
+                pub.publish(ev)
+            kill_first("x")
+            events = collect(sub, lambda evs: completed(evs), 120)
+            for m in markers.glob("*"):
+                m.unlink()
+            for ev in second:
+                pub.publish(ev)
+            kill_first("s")
+            events += collect(sub, lambda evs: len(completed(evs)) >= 1, 120, settle=3)
+        finally:
+            codes = st.stop()
+    log = log_of(tmp_path)
+    assert codes == {"analyzer": 0}, log
+    assert not [e for e in events if isinstance(e, ProcessingFailed)], log
+    for label, repeat in (("QMEAN01", None), ("QMEAN01.2", 2)):
+        mine = [e for e in completed(events) if e.repeat == repeat]
+        assert len({e.event_id for e in mine}) == 1 and mine[0].status == "completed", (label, mine, log)
+        assert mine[0].flag_names == []
+        want = offline(data, tmp_path / "offline", label)
+        assert mine[0].results == want["results"], label
+    assert all(f"(pid {pid}) exited with code -9; restarting" in log for pid in killed), log
+
+
+def test_unreadable_frame_gives_processing_failed_and_missdata_result(env, tmp_path):
+    settings = get_settings()
+    data = Path(settings.data_root)
+    events_in = support.write_exposures(data, "QMEAN01", [1, 2, 3], seed=4)
+    bad = data / events_in[1].files[1].path
+    bad.write_bytes(bad.read_bytes()[:1500])  # truncated after validation
+    ensure_queue(settings, "analyzer", BINDINGS)
+    st = stack(env, tmp_path, workers=1)
+    with Subscription(settings, ["analysis.completed.#", "processing.failed.#"]) as sub, Publisher(settings) as pub:
+        st.start()
+        try:
+            pub.publish(campaign("BORN", {"QMEAN01": 3}))
+            for ev in events_in:
+                pub.publish(ev)
+            events = collect(sub, lambda evs: completed(evs), 120)
+        finally:
+            codes = st.stop()
+    log = log_of(tmp_path)
     assert codes == {"analyzer": 0}, log
     failed = [e for e in events if isinstance(e, ProcessingFailed)]
-    done = [e for e in events if isinstance(e, AnalysisCompleted)]
-    assert len(failed) == 2 and len(done) == 2, (events, log)
-    for f in failed:
-        assert f.what == "analysis" and f.block == "BORN" and "dark frames without a positive exptime" in f.why
-        assert "SUBTASKCRASH" in f.details["flag_names"] and "run_test" in f.details["traceback"]
-    assert {d.repeat for d in done} == {None, 2} and {d.status for d in done} == {"failed"}
-    assert all(d.flag_names == ["SUBTASKCRASH"] and d.error for d in done)
-    doc = json.loads((Path(settings.products_root) / "BORN" / "DARK01.2" / "results.json").read_text())
-    assert doc["status"] == "failed" and "SUBTASKCRASH" in doc["flag_names"] and doc["traceback"]
-    jobs = _jobs(Path(settings.state_dir))
-    assert [j["status"] for j in jobs] == ["failed", "failed"]
-    owners = {j["owner"] for j in jobs}
-    assert len(owners) == 1  # one worker (no restart) handled both
+    assert len(failed) == 1, (events, log)
+    assert failed[0].where == events_in[1].files[1].path and bad.name in failed[0].why and failed[0].test == "QMEAN01"
+    done = completed(events)
+    assert len(done) == 1 and done[0].status == "completed"
+    assert "MISSDATA" in done[0].flag_names and done[0].results["CCD1"]["E"]["n"] == 2
+    assert done[0].obsids == [1, 3]
+    doc = support.results_json(Path(settings.products_root), "BORN", "QMEAN01")
+    assert any(bad.name in n for n in doc["notes"])
+
+
+def test_needs_wait_then_run_and_late_gain_reanalyses(env, tmp_path):
+    settings = get_settings()
+    data = Path(settings.data_root)
+    dark = support.write_exposures(data, "TDARK01", [1, 2], level=1100.0, seed=5)
+    bias = support.write_exposures(data, "TBIAS01", [3, 4], level=1000.0, seed=6)
+    ptc = support.write_exposures(data, "TPTC01", [5], level=3000.0, seed=7)
+    ensure_queue(settings, "analyzer", BINDINGS)
+    st = stack(env, tmp_path)
+    with Subscription(settings, ["analysis.completed.#", "processing.failed.#"]) as sub, Publisher(settings) as pub:
+        st.start()
+        try:
+            pub.publish(campaign("BORN", {"TDARK01": 2, "TBIAS01": 2, "TPTC01": 1}, {"TPTC01": {"gain": 3.0}}))
+            for ev in dark:
+                pub.publish(ev)
+            waiting = wait_for(lambda: [r for r in status(env) if r["test"] == "TDARK01" and r["state"] == "waiting"],
+                               60, "TDARK01 waiting for its master bias", step=0.5)
+            assert waiting[0]["waiting"] == ["master_bias"] and waiting[0]["waiting_since"]
+            import urllib.request
+
+            gauge = 'vison_analyzer_waiting_needs{block="BORN",need="master_bias",test="TDARK01"} 1.0'
+            wait_for(lambda: gauge in urllib.request.urlopen(f"http://127.0.0.1:{st.children[0].port}/metrics",
+                                                             timeout=10).read().decode(), 30, "the waiting-needs gauge", step=0.5)
+            events = collect(sub, lambda evs: False, 0, settle=1)
+            assert not completed(events)  # the dark waits
+            for ev in bias:
+                pub.publish(ev)
+            events += collect(sub, lambda evs: len(completed(evs)) >= 2, 120)
+            for ev in ptc:
+                pub.publish(ev)
+            events += collect(sub, lambda evs: len(completed(evs)) >= 5, 120, settle=3)
+        finally:
+            codes = st.stop()
+    log = log_of(tmp_path)
+    assert codes == {"analyzer": 0}, log
+    assert not [e for e in events if isinstance(e, ProcessingFailed)], log
+    biases, darks, ptcs = completed(events, "TBIAS01"), completed(events, "TDARK01"), completed(events, "TPTC01")
+    assert len(ptcs) == 1 and len(biases) == 2 and len(darks) == 2, ([(e.test, e.reanalysis) for e in completed(events)], log)
+    b0, b1 = biases
+    assert b0.reanalysis is None and b0.results["CCD1"]["E"]["mean_e"] is None
+    assert b1.event_id != b0.event_id and b1.reanalysis is not None and b1.reanalysis.of == b0.event_id
+    assert "gain" in b1.reanalysis.reason and "TPTC01" in b1.reanalysis.reason
+    assert b1.results["CCD1"]["E"]["mean_e"] == pytest.approx(3.0 * b1.results["CCD1"]["E"]["mean_adu"])
+    assert [c.name for c in b1.calibrations] == ["gain"] and b1.calibrations[0].event_id == str(ptcs[0].event_id)
+    d0, d1 = darks
+    assert d0.reanalysis is None and d1.reanalysis.of == d0.event_id
+    dark_adu = d0.results["CCD1"]["E"]["dark_adu"]
+    assert dark_adu == pytest.approx(d0.results["CCD1"]["E"]["mean_adu"] - b0.results["CCD1"]["E"]["mean_adu"])
+    assert 95 < dark_adu < 105 and "MISSDATA" not in d0.flag_names
+    assert {c.name for c in d0.calibrations} == {"master_bias"} and d0.calibrations[0].event_id == str(b0.event_id)
+    assert d1.results["CCD1"]["E"]["mean_e"] == pytest.approx(3.0 * d1.results["CCD1"]["E"]["mean_adu"])
+
+
+def test_wait_need_times_out_and_runs_flagged(env, tmp_path):
+    settings = get_settings()
+    data = Path(settings.data_root)
+    dark = support.write_exposures(data, "TDARK01", [1], level=1100.0, seed=8)
+    env = {**env, "VISON_CALIB_WAIT_S": "2"}
+    ensure_queue(settings, "analyzer", BINDINGS)
+    st = stack(env, tmp_path, workers=1)
+    with Subscription(settings, ["analysis.completed.#"]) as sub, Publisher(settings) as pub:
+        st.start()
+        try:
+            pub.publish(campaign("BORN", {"TDARK01": 1}))
+            pub.publish(dark[0])
+            events = collect(sub, lambda evs: completed(evs), 60)
+        finally:
+            codes = st.stop()
+    assert codes == {"analyzer": 0}
+    done = completed(events)
+    assert len(done) == 1 and "MISSDATA" in done[0].flag_names and done[0].results["CCD1"]["E"]["dark_adu"] is None
+    doc = support.results_json(Path(settings.products_root), "BORN", "TDARK01")
+    assert any("master_bias" in n and "analysed without it" in n for n in doc["notes"])
+
+
+def test_failing_solve_publishes_processing_failed_and_worker_lives_on(env, tmp_path):
+    settings = get_settings()
+    data = Path(settings.data_root)
+    a = support.write_exposures(data, "QMEAN01", [1], seed=9)
+    b = support.write_exposures(data, "QMEAN01.2", [2], seed=10)
+    bad = data / a[0].files[0].path
+    for ev in a:  # every frame unreadable: no extraction, the solve fails
+        for f in ev.files:
+            (data / f.path).unlink()
+    ensure_queue(settings, "analyzer", BINDINGS)
+    st = stack(env, tmp_path, workers=1)
+    with Subscription(settings, ["analysis.completed.#", "processing.failed.#"]) as sub, Publisher(settings) as pub:
+        st.start()
+        try:
+            pub.publish(campaign("BORN", {"QMEAN01": 1, "QMEAN01.2": 1}))
+            for ev in a + b:
+                pub.publish(ev)
+            events = collect(sub, lambda evs: len(completed(evs)) >= 2, 120)
+        finally:
+            codes = st.stop()
+    log = log_of(tmp_path)
+    assert codes == {"analyzer": 0}, log
+    by = {e.repeat: e for e in completed(events)}
+    assert set(by) == {None, 2}, log
+    assert by[None].status == "failed" and "SUBTASKCRASH" in by[None].flag_names and "no extraction" in by[None].error
+    assert by[2].status == "completed"
+    failed = [e for e in events if isinstance(e, ProcessingFailed)]
+    assert any(e.what == "fits" and bad.name in e.why for e in failed)
+    assert any(e.what == "analysis" and "SUBTASKCRASH" in e.details["flag_names"] for e in failed)
+    assert log.count("worker 0 started") == 1  # never restarted
+
+
+def test_test_close_solves_a_run_without_expected_count(env, tmp_path):
+    settings = get_settings()
+    data = Path(settings.data_root)
+    evs = support.write_exposures(data, "QMEAN01", [1, 2, 3], seed=11)
+    ensure_queue(settings, "analyzer", BINDINGS)
+    st = stack(env, tmp_path, workers=1)
+    with Subscription(settings, ["analysis.completed.#"]) as sub, Publisher(settings) as pub:
+        st.start()
+        try:
+            for ev in evs[:2]:  # no campaign definition and no catalogue entry: only test.close completes it
+                pub.publish(ev)
+            assert not completed(collect(sub, lambda e: False, 0, settle=2))
+            pub.publish(TestClose(test="QMEAN01", block="BORN", operator="jdoe", producer="tool"))
+            events = collect(sub, lambda e: completed(e), 60)
+            # a late exposure, closed again: solved again with it (close before its extraction ends)
+            pub.publish(evs[2])
+            pub.publish(TestClose(test="QMEAN01", block="BORN", operator="jdoe", producer="tool"))
+            events += collect(sub, lambda e: completed(e), 60)
+            pub.publish(TestClose(test="QMEAN01", block="BORN", operator="jdoe", producer="tool"))  # nothing new
+            events += collect(sub, lambda e: False, 0, settle=3)
+        finally:
+            codes = st.stop()
+    assert codes == {"analyzer": 0}
+    done = completed(events)
+    assert len(done) == 2 and done[0].obsids == [1, 2] and done[0].status == "completed", done
+    assert done[1].obsids == [1, 2, 3] and done[1].reanalysis.of == done[0].event_id and "closed" in done[1].reanalysis.reason
+
+
+def _validated_from_logs(data_root: Path, block: str = "BORN") -> list:
+    """exposure.validated events of every ObsID of a data folder (as the validator publishes them)."""
+    import hashlib
+
+    from shared.events import ExposureValidated, FileRef
+    from shared.explog import merge_explogs, read_explog
+
+    rows = merge_explogs([read_explog(p, complete=True) for p in sorted(data_root.rglob("EXP_LOG_*.txt"))]).rows
+    out = []
+    for obsid in sorted({r.obsid for r in rows}):
+        mine = [r for r in rows if r.obsid == obsid]
+        files = []
+        for r in mine:
+            path = next(data_root.rglob(f"{r.file_name}.fits"))
+            blob = path.read_bytes()
+            files.append(FileRef(ccd=r.ccd, path=path.relative_to(data_root).as_posix(), sha256=hashlib.sha256(blob).hexdigest(),
+                                 size=len(blob)))
+        out.append(ExposureValidated(obsid=obsid, block=block, test=mine[0].test, files=files,
+                                     explog=[{**r.values, "ccd": r.ccd} for r in mine], passed=True, flags=0, flag_names=[],
+                                     compliance={}, stats={}, producer="validator"))
+    return out
 
 
 @pytest.mark.fullsize
-def test_real_chain_ingest_validator_analyzer(vison_env, tmp_path):
-    """The simulator writes BIAS01 into the watched folder; ingest and validator (processes)
-    publish the validated exposures; the analyzer analyses the complete test once."""
+def test_bias01_live_equals_offline_on_fullsize_frames(env, tmp_path):
+    """The real BIAS01 family: extraction per exposure on the workers, the solve (master bias
+    stacked band by band) on one; the same results as ``vison analyze``."""
     settings = get_settings()
-    data, products = Path(settings.data_root), Path(settings.products_root)
-    fast_ingest = ["--rescan-interval", "1", "--stable-seconds", "0.2", "--incomplete-timeout", "10", "--exposure-timeout", "20"]
+    data = Path(settings.data_root)
+    out = subprocess.run([sys.executable, "-m", "services.cli", "sim", "--out", str(data), "--block", "BORN", "--seed", "41",
+                          "--test", "BIAS01", "--frames", "2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    truth = json.loads((data / "truth.json").read_text())
+    events_in = _validated_from_logs(data)
     ensure_queue(settings, "analyzer", BINDINGS)
-    stack, _ = _stack(vison_env, tmp_path, workers=1, services=("ingest", "validator", "analyzer"),
-                      extra={"ingest": fast_ingest})
-    with Subscription(settings, ["analysis.completed.#", "processing.failed.#", "exposure.validated.#"]) as sub, \
-            Publisher(settings) as pub:
-        pub.publish(_campaign("BORN", {"BIAS01": 1}))
-        stack.start()
+    st = stack(env, tmp_path, workers=2)
+    with Subscription(settings, ["analysis.completed.#", "processing.failed.#"]) as sub, Publisher(settings) as pub:
+        st.start()
         try:
-            truth = _sim(data, "BIAS01", 1, 43, "--atomic")
-            events = _collect(sub, lambda evs: any(isinstance(e, AnalysisCompleted) for e in evs), 240, settle=3)
+            pub.publish(campaign("BORN", {"BIAS01": 2}))
+            for ev in events_in:
+                pub.publish(ev)
+            events = collect(sub, lambda evs: completed(evs), 240)
         finally:
-            codes = stack.stop()
-    logs = {n: _log(tmp_path, n) for n in ("ingest", "validator", "analyzer")}
-    assert codes == {"ingest": 0, "validator": 0, "analyzer": 0}, logs
-    assert [e.obsid for e in events if isinstance(e, ExposureValidated)] == [1], logs
-    done = [e for e in events if isinstance(e, AnalysisCompleted)]
-    assert len(done) == 1 and done[0].status == "completed" and done[0].obsids == [1], (done, logs["analyzer"])
-    v, t = done[0].results["CCD2"]["G"], truth["ccds"]["CCD2"]["quadrants"]["G"]
-    assert abs(v["offset_img"] - t["offset_adu"]) < 0.05 and abs(v["ron_img_adu"] / t["ron_adu"] - 1) < 0.02
-    assert (products / "BORN" / "BIAS01" / "master_bias_CCD3.fits").is_file()
+            codes = st.stop()
+    log = log_of(tmp_path)
+    assert codes == {"analyzer": 0}, log
+    assert not [e for e in events if isinstance(e, ProcessingFailed)], log
+    done = completed(events)
+    assert len({e.event_id for e in done}) == 1 and done[0].status == "completed", (done, log)
+    ev = done[0]
+    assert "BORN/BIAS01/master_bias_CCD1.fits" in ev.products and ev.obsids == [1, 2]
+    for q in ("E", "F", "G", "H"):
+        v, t = ev.results["CCD2"][q], truth["ccds"]["CCD2"]["quadrants"][q]
+        assert abs(v["offset_pre"] - t["offset_adu"]) < 0.05 and abs(v["ron_img_adu"] / t["ron_adu"] - 1) < 0.02
+    want = offline(data, tmp_path / "offline", "BIAS01", "--no-figures", "--expected", "2")
+    assert want["results"] == ev.results

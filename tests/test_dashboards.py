@@ -143,3 +143,48 @@ def test_dashboard_provider_points_at_the_mounted_folder():
     assert f"./deploy/grafana/dashboards:{prov['options']['path']}:ro" in compose["volumes"]
     assert compose["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"] == prov["options"]["path"] + "/vison-hk.json"
     assert generator().DATASOURCE_UID == provisioned_uid() == "vison-prometheus"
+
+
+SQL_BOARDS = sorted((GRAFANA / "dashboards" / "catalogue").glob("*.json"))
+
+
+def test_committed_sql_dashboards_equal_generated():
+    gen = generator()
+    models = gen.build_sql_dashboards()
+    assert sorted(models) == [f"catalogue/{p.name}" for p in SQL_BOARDS] == [
+        "catalogue/vison-exposure-log.json", "catalogue/vison-fpa.json", "catalogue/vison-results.json"]
+    for name, model in models.items():
+        assert (GRAFANA / "dashboards" / name).read_text() == gen.render(model), name
+
+
+@pytest.mark.parametrize("path", SQL_BOARDS, ids=lambda p: p.stem)
+def test_sql_dashboard_structure(path):
+    """The catalogue boards: unique ids, no overlaps, every query raw SQL on the provisioned
+    PostgreSQL data source, every variable used (their queries run in tests/test_dashboards_sql.py)."""
+    model = json.loads(path.read_text())
+    doc = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "vison.yml").read_text())
+    (pg,) = [d for d in doc["datasources"] if d["type"] == "grafana-postgresql-datasource"]
+    ds = {"type": pg["type"], "uid": pg["uid"]}
+    assert re.fullmatch(r"[a-z0-9-]{1,40}", model["uid"]) and model["schemaVersion"] >= 36
+    panels = all_panels(model)
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells = set()
+    for p in panels:
+        assert p["type"] in ("row", "timeseries", "stat", "table", "barchart"), p["type"]
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{p['title']} overlaps at {x},{y}"
+                cells.add((x, y))
+        if p["type"] == "row":
+            continue
+        assert p["datasource"] == ds and p["targets"]
+        for t in p["targets"]:
+            assert t["datasource"] == ds and t["rawSql"].strip().upper().startswith("SELECT")
+            assert t["format"] in ("table", "time_series") and "expr" not in t
+    sql = " ".join(t["rawSql"] for p in panels for t in p.get("targets", [])) + " ".join(
+        p["title"] for p in panels) + " ".join(v["query"] for v in model["templating"]["list"])
+    for var in model["templating"]["list"]:
+        assert var["datasource"] == ds
+        assert f"${var['name']}" in sql, f"unused variable {var['name']}"

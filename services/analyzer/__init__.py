@@ -1,4 +1,7 @@
-"""The analyzer: collector + workers running each test's analysis, and ``vison analyze`` offline.
+"""The analyzer (engine v2): analysis families (``family.py``, ``families/``, ``science/``) and
+the plumbing that runs them in two stages, extract then solve: the coordinator (``coordinator``,
+``planner``, ``store``), the stateless workers (``worker``, ``execute``), ``vison analyze``
+(``offline``, ``local``) and ``vison reprocess`` (``reprocess``).
 
 Analyses are single-threaded per process (parallelism comes from worker processes): the BLAS
 thread pools are limited to one thread unless the environment says otherwise, which also keeps

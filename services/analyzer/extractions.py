@@ -56,11 +56,13 @@ def _decode(value: Any, arrays: Any) -> Any:
     return value
 
 
-def dumps(extraction: Extraction) -> bytes:
-    """The ``.npz`` bytes of an extraction."""
+def dumps(extraction: Extraction, job_id: str | None = None) -> bytes:
+    """The ``.npz`` bytes of an extraction (``job_id``: the job that computed it, recorded)."""
     arrays: dict[str, np.ndarray] = {}
     doc = _encode(extraction, arrays)
     doc["__class__"] = f"{type(extraction).__module__}.{type(extraction).__qualname__}"
+    if job_id:
+        doc["__job_id__"] = job_id
     buf = io.BytesIO()
     np.savez(buf, **{_DOC: np.frombuffer(json.dumps(doc, allow_nan=False).encode(), dtype=np.uint8)}, **arrays)
     return buf.getvalue()
@@ -71,15 +73,27 @@ def loads(data: bytes, model: type[E]) -> E:
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         doc = json.loads(bytes(npz[_DOC]).decode())
         doc.pop("__class__", None)
+        doc.pop("__job_id__", None)
         return model.model_validate(_decode(doc, npz))
 
 
-def save(path: str | Path, extraction: Extraction) -> Path:
+def stored_job_id(path: str | Path) -> str | None:
+    """The job id recorded in a stored extraction (None: absent, unreadable or not recorded)."""
+    try:
+        with np.load(Path(path), allow_pickle=False) as npz:
+            return json.loads(bytes(npz[_DOC]).decode()).get("__job_id__")
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+    except Exception:  # a truncated archive raises zipfile errors
+        return None
+
+
+def save(path: str | Path, extraction: Extraction, job_id: str | None = None) -> Path:
     """Write atomically (same-folder temporary file, fsync, rename); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    data = dumps(extraction)
+    data = dumps(extraction, job_id)
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)

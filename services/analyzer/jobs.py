@@ -1,122 +1,178 @@
-"""The analysis job queue: a durable quorum queue ``<queue_prefix>.analyzer.jobs`` on the broker
-(dead-lettered to ``<exchange>.dlx`` like every service queue), fed by the collector through the
-default exchange and consumed by the workers (competing consumers, prefetch 1). Jobs are internal
-messages, not bus events: they never appear on the topic exchange."""
+"""The analyzer's internal messages (never on the topic exchange): the jobs the coordinator puts
+on ``<prefix>.analyzer.jobs`` (competing workers, prefetch 1) and the :class:`JobDone` replies a
+worker sends to the job's ``reply_to`` queue once its outputs are durable.
+
+- :class:`ExtractJob`: one extraction unit (an exposure ``e123`` or a pair ``p123-124``) of a
+  family for a test run;
+- :class:`SolveJob`: the solve of a test run from its extractions (plus the run's frames, for
+  the families that stack them);
+- :class:`JobDone`: ``completed`` | ``failed`` with the extraction reference or the results
+  document.
+
+Job ids are deterministic hashes of the inputs (frames and their SHA-256, family and its
+version, parameters, calibration event ids): the same inputs give the same id, which is what
+makes re-running (a redelivered job, a second ``vison reprocess``) free.
+
+Frame paths in jobs are relative to the data root and extraction paths relative to the products
+root of the executing host (resolved with :func:`shared.paths.resolve_under`); calibration files
+are relative to the products root too (made absolute by the executing side).
+"""
 
 from __future__ import annotations
 
-import time
-from datetime import datetime, timezone
-from typing import Any
+import hashlib
+import json
+from typing import Any, Literal, Union
 
-import pika
 from pydantic import BaseModel, Field
 
+from services.analyzer.family import Calibration
 from services.analyzer.model import FrameMeta, split_test_name
-from shared.bus import DELIVERY_LIMIT_MARGIN, Backoff, CONNECTION_ERRORS, connection_parameters, dead_letter_exchange, declare_topology
 from shared.config import Settings
-
-
-class AnalysisJob(BaseModel):
-    """One analysis to run: a test run of a block and its frames."""
-
-    job_id: str
-    block: str
-    test: str = Field(description="test run label (BIAS01 or BIAS01.2)")
-    reason: str = Field(description="complete | closed | derived")
-    frame_hash: str
-    frames: list[FrameMeta]
-    expected_frames: int | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
-    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
-
-    @property
-    def base(self) -> str:
-        return split_test_name(self.test)[0]
-
-    @property
-    def repeat(self) -> int:
-        return split_test_name(self.test)[1]
-
-    @property
-    def obsids(self) -> list[int]:
-        return sorted({f.obsid for f in self.frames})
+from shared.events import ResultsDocument
+from shared.topology import work_queue_name
 
 
 def jobs_queue(settings: Settings) -> str:
-    return f"{settings.queue_prefix}.analyzer.jobs"
+    """``<prefix>.analyzer.jobs``: the shared work queue."""
+    return work_queue_name(settings, "analyzer.jobs")
 
 
-def declare_jobs_queue(channel, settings: Settings) -> str:
-    """Declare the durable, dead-lettered quorum job queue (idempotent)."""
-    declare_topology(channel, settings)
-    name = jobs_queue(settings)
-    channel.queue_declare(
-        name,
-        durable=True,
-        arguments={
-            "x-queue-type": "quorum",
-            "x-dead-letter-exchange": dead_letter_exchange(settings),
-            "x-delivery-limit": int(settings.max_redeliveries) + DELIVERY_LIMIT_MARGIN,
-        },
-    )
-    return name
+def done_queue(settings: Settings) -> str:
+    """``<prefix>.analyzer.done``: the live coordinator's reply queue."""
+    return work_queue_name(settings, "analyzer.done")
 
 
-class JobPublisher:
-    """Publishes jobs with publisher confirms (persistent); reconnects with backoff."""
+def reprocess_queue(settings: Settings, run_id: str) -> str:
+    """``<prefix>.reprocess.<run id>``: the reply queue of one ``vison reprocess``."""
+    return work_queue_name(settings, f"reprocess.{run_id}")
 
-    def __init__(self, settings: Settings, max_retry_seconds: float | None = 60.0):
-        self.settings = settings
-        self.max_retry_seconds = max_retry_seconds
-        self._conn = None
-        self._chan = None
 
-    def _ensure(self):
-        if self._conn is None or self._conn.is_closed or self._chan is None or self._chan.is_closed:
-            self.close()
-            self._conn = pika.BlockingConnection(connection_parameters(self.settings.amqp_url))
-            self._chan = self._conn.channel()
-            self._chan.confirm_delivery()
-            declare_jobs_queue(self._chan, self.settings)
-        return self._chan
+def digest(*parts: Any) -> str:
+    """Deterministic short hash of JSON-able parts (16 hex digits)."""
+    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def publish(self, message: str, job_id: str) -> None:
-        """Publish one job message (JSON text); returns once the broker confirmed it."""
-        backoff = Backoff()
-        start = time.monotonic()
-        props = pika.BasicProperties(content_type="application/json", delivery_mode=2, message_id=job_id,
-                                     timestamp=int(time.time()), app_id="analyzer")
-        while True:
-            try:
-                self._ensure().basic_publish("", jobs_queue(self.settings), message.encode(), props, mandatory=True)
-                return
-            except CONNECTION_ERRORS:
-                self.close()
-                if self.max_retry_seconds is not None and time.monotonic() - start > self.max_retry_seconds:
-                    raise
-                time.sleep(backoff.next())
 
-    def depth(self) -> int | None:
-        """Jobs waiting in the queue (None when the broker is unreachable)."""
-        try:
-            return int(self._ensure().queue_declare(jobs_queue(self.settings), passive=True).method.message_count)
-        except CONNECTION_ERRORS:
-            self.close()
-            return None
+def frames_key(frames: list[FrameMeta]) -> list[tuple[int, int, str]]:
+    """Identity of a frame set: sorted (ObsID, CCD, SHA-256 or file name)."""
+    return sorted((f.obsid, f.ccd, f.sha256 or f.path.rsplit("/", 1)[-1]) for f in frames)
 
-    def tick(self) -> None:
-        if self._conn is not None and self._conn.is_open:
-            try:
-                self._conn.process_data_events(0)
-            except Exception:
-                self.close()
 
-    def close(self) -> None:
-        conn, self._conn, self._chan = self._conn, None, None
-        if conn is not None:
-            try:
-                if conn.is_open:
-                    conn.close()
-            except Exception:
-                pass
+def calibrations_key(calibrations: list[Calibration]) -> list[tuple[str, str]]:
+    return sorted((c.name, str(c.event_id or c.test)) for c in calibrations)
+
+
+class ExtractionRef(BaseModel):
+    """A stored extraction: its unit, file (relative to the products root), content hash and the
+    job that wrote it; ``failed`` units carry the error instead."""
+
+    unit: str
+    path: str | None = None
+    sha256: str | None = None
+    job_id: str | None = None
+    obsids: list[int] = Field(default_factory=list)
+    failed: bool = False
+    error: str | None = None
+
+
+class _Job(BaseModel):
+    job_id: str
+    block: str
+    label: str = Field(description="test run label (BIAS01, BIAS01.2)")
+    family: str
+    family_version: str = "1"
+    params: dict[str, Any] = Field(default_factory=dict)
+    calibrations: list[Calibration] = Field(default_factory=list)
+    reply_to: str = ""
+    verify: bool = Field(False, description="hash the input files while reading (offline provenance)")
+    reprocess: str | None = Field(None, description="run id of the vison reprocess that issued it")
+
+    @property
+    def test(self) -> str:
+        return split_test_name(self.label)[0]
+
+    @property
+    def repeat(self) -> int:
+        return split_test_name(self.label)[1]
+
+
+class ExtractJob(_Job):
+    """Extract one unit (exposure or pair) of a test run."""
+
+    kind: Literal["extract"] = "extract"
+    unit: str
+    frames: list[FrameMeta] = Field(description="the unit's CCD frames (paths relative to the data root)")
+
+    @staticmethod
+    def make_id(block: str, label: str, family: str, version: str, unit: str, frames: list[FrameMeta],
+                params: dict[str, Any], calibrations: list[Calibration]) -> str:
+        return f"x-{digest('extract', block, label, family, version, unit, frames_key(frames), params, calibrations_key(calibrations))}"
+
+
+class SolveJob(_Job):
+    """Solve a test run from its extractions."""
+
+    kind: Literal["solve"] = "solve"
+    extractions: list[ExtractionRef] = Field(default_factory=list)
+    frames: list[FrameMeta] = Field(default_factory=list, description="the run's frames (for stacks)")
+    expected_exposures: int | None = None
+    flags: int = Field(0, description="input flags of the run (MISSDATA: partial set, failed units, missing calibration)")
+    notes: list[str] = Field(default_factory=list)
+    reanalysis_of: str | None = Field(None, description="event id of the analysis.completed this one supersedes")
+    reanalysis_reason: str | None = None
+
+    @staticmethod
+    def make_id(block: str, label: str, family: str, version: str, extractions: list[ExtractionRef],
+                frames: list[FrameMeta], params: dict[str, Any], calibrations: list[Calibration], flags: int,
+                expected: int | None) -> str:
+        refs = sorted((e.unit, e.job_id or "", bool(e.failed)) for e in extractions)  # npz bytes vary (zip times)
+        return f"s-{digest('solve', block, label, family, version, refs, frames_key(frames), params, calibrations_key(calibrations), flags, expected)}"
+
+
+Job = Union[ExtractJob, SolveJob]
+
+
+def parse_job(body: bytes | str | dict) -> ExtractJob | SolveJob:
+    """The job of a message body; ``ValueError`` naming the problem for anything else."""
+    if isinstance(body, (bytes, bytearray)):
+        body = body.decode("utf-8", errors="replace")
+    data = json.loads(body) if isinstance(body, str) else body
+    if not isinstance(data, dict):
+        raise ValueError(f"a job must be a JSON object, got {type(data).__name__}")
+    kind = data.get("kind")
+    if kind == "extract":
+        return ExtractJob.model_validate(data)
+    if kind == "solve":
+        return SolveJob.model_validate(data)
+    raise ValueError(f"unknown job kind {kind!r} (extract | solve)")
+
+
+class JobDone(BaseModel):
+    """A worker's reply: the job finished (its outputs are durable)."""
+
+    kind: Literal["done"] = "done"
+    job_id: str
+    job_kind: Literal["extract", "solve"]
+    status: Literal["completed", "failed"]
+    block: str = ""
+    label: str = ""
+    family: str = ""
+    unit: str | None = None
+    extraction: ExtractionRef | None = None
+    results: ResultsDocument | None = None
+    error: str | None = None
+    failed_file: str | None = Field(None, description="the input file that could not be read, when that was the cause")
+    duration_s: float = 0.0
+    reused: bool = Field(False, description="the stored output of the same job id was returned (nothing recomputed)")
+    worker: str = ""
+
+
+def parse_done(body: bytes | str | dict) -> JobDone:
+    if isinstance(body, (bytes, bytearray)):
+        body = body.decode("utf-8", errors="replace")
+    return JobDone.model_validate_json(body) if isinstance(body, str) else JobDone.model_validate(body)
+
+
+__all__ = ["ExtractJob", "ExtractionRef", "Job", "JobDone", "SolveJob", "digest", "done_queue", "jobs_queue",
+           "parse_done", "parse_job", "reprocess_queue"]

@@ -1,30 +1,17 @@
-"""Data model shared by the analyzer's parts: what an analysis receives (frame metadata, a frame
-loader), what it hands back (typed results, products to write) and the plug-in interface every
-test family implements.
-
-An analysis module (``services/analyzer/analysis/<family>.py``) is a plug-in when it defines
-
-- ``TESTS``: tuple of the test names it analyses (base names, e.g. ``("BIAS01", "BIAS02")``);
-- ``run_test(data: TestData, sink: ProductSink) -> AnalysisOutput``;
-- optionally ``PARAMS``: its pydantic parameters model (resolved values go into provenance).
-
-``run_test`` does no file I/O itself: it reads frames through ``data.load(frame)`` and hands its
-products (images, tables, figures) to ``sink.add(...)`` as soon as they exist (so that a CCD's
-arrays can be freed before the next CCD is loaded). The registry (``services.analyzer.registry``)
-finds plug-ins by scanning the package; nothing has to be edited to add one.
-"""
+"""Data model shared by the analyzer's parts: the frame metadata of a test run (FrameMeta), the
+products an analysis hands to its sink (FITS images and tables, PNG figures) and what a solve
+returns (AnalysisOutput). The plug-in interface itself is :mod:`services.analyzer.family`."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.geometry import CCDS, Geometry, quadrants
 
 _REPEAT = re.compile(r"^(?P<base>.+?)\.(?P<repeat>\d+)$")
 
@@ -84,79 +71,6 @@ def _num(value: Any, default: float) -> float:
         return float(value)
     except (TypeError, ValueError):
         return default
-
-
-@dataclass
-class TestData:
-    """Everything one analysis run gets: the frames of one (block, test, repeat), a loader for
-    their pixels, the campaign parameters and analysis parameters."""
-
-    __test__ = False  # not a pytest class
-
-    test: str
-    block: str
-    frames: list[FrameMeta]
-    loader: Callable[[FrameMeta], np.ndarray]
-    repeat: int = 0
-    params: dict[str, Any] = field(default_factory=dict)
-    expected_frames: int | None = None
-    flags: int = 0
-    #: Calibration inputs found for this block (e.g. ``{"gain": {"CCD1": {"E": 3.3, ...}}}``).
-    calib: dict[str, Any] = field(default_factory=dict)
-    #: Loads a calibration image of the block: ``(kind, ccd) -> array | None`` (e.g. the DARK01
-    #: defect mask, kind ``"dark_mask"``), None when there is none.
-    calib_loader: Callable[[str, str], np.ndarray | None] | None = None
-
-    @property
-    def label(self) -> str:
-        return run_label(self.test, self.repeat)
-
-    def ccds(self) -> list[str]:
-        """CCD names present, in order CCD1..3."""
-        present = {f.ccd_name for f in self.frames}
-        return [c for c in CCDS if c in present]
-
-    def frames_of(self, ccd: str | int) -> list[FrameMeta]:
-        """Frames of one CCD, by ObsID."""
-        name = ccd_name(ccd)
-        return sorted((f for f in self.frames if f.ccd_name == name), key=lambda f: f.obsid)
-
-    def obsids(self) -> list[int]:
-        return sorted({f.obsid for f in self.frames})
-
-    def load(self, frame: FrameMeta) -> np.ndarray:
-        """Pixels of a frame: float32 ADU ``[row, col]`` (full frame, array orientation)."""
-        return self.loader(frame)
-
-    def load_quadrants(self, frame: FrameMeta) -> dict[str, np.ndarray]:
-        """The four canonical quadrant views of a frame."""
-        data = self.load(frame)
-        return quadrants(data, Geometry.from_shape(data.shape))
-
-    def frame_inputs(self, ccd: str | int | None = None) -> list[Any]:
-        """The frames (of one CCD, or all) as lazy ``analysis.common.FrameInput`` objects: each
-        loads its canonical quadrants only when asked (``.load()``)."""
-        from services.analyzer.analysis.common import FrameInput
-
-        metas = self.frames_of(ccd) if ccd is not None else sorted(self.frames, key=lambda f: (f.obsid, f.ccd))
-        return [
-            FrameInput(quads=(lambda m=m: self.load_quadrants(m)), exptime=m.exptime, obsid=m.obsid, ccd=m.ccd_name,
-                       wave=_num(m.values.get("wave"), float("nan")) if m.values.get("wave") not in (None, "") else None,
-                       time=m.date, meta={**m.values, "path": m.path, "flags": m.flags})
-            for m in metas
-        ]
-
-    def calib_image(self, kind: str, ccd: str) -> np.ndarray | None:
-        """A calibration image of the block (full frame, raw orientation) or None."""
-        return self.calib_loader(kind, ccd) if self.calib_loader is not None else None
-
-    def gain(self, ccd: str, quadrant: str) -> float | None:
-        """Gain (e-/ADU) of a quadrant when known (analysis parameter or a PTC result)."""
-        table = self.params.get("gain") or self.calib.get("gain") or {}
-        if isinstance(table, (int, float)):
-            return float(table)
-        value = (table.get(ccd) or {}).get(quadrant) if isinstance(table, dict) else None
-        return float(value) if value else None
 
 
 # ---------------------------------------------------------------------------- products
@@ -238,9 +152,3 @@ class AnalysisOutput:
     #: Calibrations this result provides to other tests (engine v2): ``{name: {"values": {...},
     #: "files": {CCD or "ALL": product file name in this run's products folder}}}``.
     provides: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-def iter_quadrant_results(results: dict[str, dict[str, dict[str, Any]]]) -> Iterable[tuple[str, str, dict[str, Any]]]:
-    for ccd, quads in results.items():
-        for q, values in quads.items():
-            yield ccd, q, values
