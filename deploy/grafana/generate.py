@@ -19,6 +19,20 @@ Three boards, every query on the provisioned Prometheus data source (uid ``vison
 - **Pipeline** (``vison-pipeline``): services up, events/s per service, failures, queue depths
   (consumers and broker), dead letters, processing and analysis durations, analysis failures.
 
+Three boards on the results catalogue (PostgreSQL data source uid ``vison-catalogue``, tables of
+services/catalogue/models.py), written to ``dashboards/catalogue/`` (the file provider reads
+sub-folders):
+
+- **Exposure log** (``vison-exposure-log``): the latest exposures of ``$block`` (ObsID, time,
+  test, prescan offset per CCD, verdict, flags in colour), filterable by ``$test``; exposures per
+  verdict per test.
+- **Results** (``vison-results``): ``$quantity`` of ``$test`` per CCD / quadrant (latest
+  analysis) and its history across tests.
+- **FPA** (``vison-fpa``): 12 x 12 quadrant grids of gain, RON (e-), dark current and PRNU from the
+  metatest aggregates, and which blocks each family holds.
+
+Every SQL query is run against a real PostgreSQL by tests/test_dashboards_sql.py.
+
 Limits come from ``shared/spec/elvis-formats.json`` (the package copy of the spec).
 :func:`must_have_data` lists the panels that a running simulated stack must fill (the integration
 test in tests/test_dashboards_live.py checks them against a real Prometheus).
@@ -42,7 +56,7 @@ DATASOURCE_UID = "vison-prometheus"
 DS = {"type": "prometheus", "uid": DATASOURCE_UID}
 HK_VERSION = "7.5.X"
 SCHEMA_VERSION = 39
-VISON_JOBS = "ingest|validator|analyzer|metatest|scriptgen"
+VISON_JOBS = "ingest|validator|analyzer|metatest|scriptgen|catalogue"
 CCDS = ("CCD1", "CCD2", "CCD3")
 
 #: HK groups in display order: (title, predicate on the parameter name, unit).
@@ -147,7 +161,8 @@ class Board:
     def add(self, kind: str, title: str, targets: list[dict], *, w: int = 12, h: int = 8, unit: str = "",
             description: str = "", steps: list | None = None, options: dict | None = None,
             custom: dict | None = None, mappings: list | None = None, overrides: list | None = None,
-            decimals: int | None = None, data: bool = False, extra_defaults: dict | None = None) -> dict:
+            decimals: int | None = None, data: bool = False, extra_defaults: dict | None = None,
+            datasource: dict | None = None) -> dict:
         defaults: dict[str, Any] = {
             "unit": unit or "short",
             "color": {"mode": "palette-classic" if kind in ("timeseries", "barchart") else "thresholds"},
@@ -163,7 +178,7 @@ class Board:
             "type": kind,
             "title": title,
             "description": description,
-            "datasource": dict(DS),
+            "datasource": dict(datasource or DS),
             "gridPos": self._place(w, h),
             "targets": targets,
             "fieldConfig": {"defaults": defaults, "overrides": overrides or []},
@@ -437,6 +452,192 @@ def pipeline_board() -> Board:
     return b
 
 
+# --------------------------------------------------------------------------- SQL boards (results catalogue)
+#: The catalogue on PostgreSQL (services/catalogue/models.py tables), provisioned in datasources/vison.yml.
+SQL_DATASOURCE_UID = "vison-catalogue"
+SQL_DS = {"type": "grafana-postgresql-datasource", "uid": SQL_DATASOURCE_UID}
+SQL_DIR = "catalogue"  # sub-folder of dashboards/ holding the boards on the SQL data source
+#: Quadrant columns of the 12 x 12 FPA grid, left to right (2 per CCD column).
+FPA_COLUMNS = [f"C{c} {side}" for c in range(1, 7) for side in ("L", "R")]
+#: (title, metatest family, quantity, unit, decimals) of the FPA maps
+FPA_MAPS = [("Gain", "ptc", "gain", "e-/ADU", 3), ("Read noise (image area)", "bias", "ron_img_e", "e-", 2),
+            ("Dark current", "dark", "dark_current_e_s", "e-/s", 4), ("PRNU", "flat", "prnu_pct", "%", 2)]
+TABLE_OPTIONS = {"showHeader": True, "cellHeight": "sm", "footer": {"show": False, "reducer": ["sum"], "fields": ""}}
+
+
+def sql_target(sql: str, ref: str = "A", fmt: str = "table") -> dict:
+    """A raw-SQL query (Grafana macros ``$__timeFilter(col)``; variables ``$block`` single value,
+    ``($test)`` multi-value: a quoted, comma-separated list)."""
+    return {"refId": ref, "datasource": dict(SQL_DS), "rawSql": " ".join(sql.split()), "format": fmt,
+            "rawQuery": True, "editorMode": "code"}
+
+
+def sql_variable(b: Board, name: str, label: str, sql: str, multi: bool = False) -> None:
+    b.variables.append({
+        "type": "query", "name": name, "label": label, "datasource": dict(SQL_DS),
+        "definition": " ".join(sql.split()), "query": " ".join(sql.split()),
+        "refresh": 2, "multi": multi, "includeAll": multi, "sort": 1,
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]} if multi else {},
+        "options": [], "hide": 0, "regex": "",
+    })
+
+
+VERDICT_MAPPINGS = [{"type": "value", "options": {"PASS": {"text": "PASS", "color": "green", "index": 0},
+                                                  "FAIL": {"text": "FAIL", "color": "red", "index": 1}}}]
+FLAG_MAPPINGS = [
+    {"type": "value", "options": {"": {"text": "-", "color": "green", "index": 0}}},
+    {"type": "regex", "options": {"pattern": ".*(BADDATA|SUBTASKCRASH|MISSDATA).*", "result": {"color": "red", "index": 1}}},
+    {"type": "regex", "options": {"pattern": ".+", "result": {"color": "orange", "index": 2}}},
+]
+
+
+def exposure_log_board() -> Board:
+    b = Board("vison-exposure-log", "vison / Exposure log", "The latest exposures of a block from the results "
+              "catalogue (replaces Eyegore's live exposure-log window): ObsID, time, test, prescan offsets per CCD, "
+              "verdict and flags; exposures per verdict per test.", ["vison", "catalogue", "exposures"])
+    sql_variable(b, "block", "Block", "SELECT DISTINCT block FROM exposures ORDER BY 1")
+    sql_variable(b, "test", "Test", "SELECT DISTINCT test FROM exposures WHERE block = '$block' ORDER BY 1", multi=True)
+    where = "block = '$block' AND test IN ($test) AND $__timeFilter(obs_time)"
+    b.add("stat", "Exposures by verdict", [sql_target(
+        f"SELECT verdict AS metric, COUNT(*) AS value FROM exposures WHERE {where} GROUP BY verdict ORDER BY verdict")],
+        w=8, h=6, datasource=SQL_DS, decimals=0, mappings=VERDICT_MAPPINGS,
+        options=dict(STAT_OPTIONS, reduceOptions={"calcs": ["lastNotNull"], "fields": "", "values": True}),
+        overrides=[{"matcher": {"id": "byName", "options": "value"}, "properties": [
+            {"id": "color", "value": {"mode": "fixed", "fixedColor": "blue"}}]}],
+        description="Validated exposures in the time range, PASS and FAIL.")
+    b.add("barchart", "Exposures per verdict per test", [sql_target(
+        f"SELECT test AS \"test\", SUM(CASE WHEN passed THEN 1 ELSE 0 END) AS \"PASS\", "
+        f"SUM(CASE WHEN passed THEN 0 ELSE 1 END) AS \"FAIL\" FROM exposures WHERE {where} GROUP BY test ORDER BY test")],
+        w=16, h=6, datasource=SQL_DS,
+        options={"orientation": "horizontal", "showValue": "auto", "stacking": "normal", "legend": dict(LEGEND),
+                 "tooltip": dict(TOOLTIP, mode="multi"), "xTickLabelRotation": 0, "barWidth": 0.8,
+                 "groupWidth": 0.7, "xField": "test"},
+        overrides=[{"matcher": {"id": "byName", "options": name}, "properties": [
+            {"id": "color", "value": {"mode": "fixed", "fixedColor": color}}]} for name, color in
+            (("PASS", "green"), ("FAIL", "red"))])
+    b.add("table", "Latest exposures", [sql_target(
+        f"SELECT obs_time AS \"time\", obsid AS \"ObsID\", test AS \"test\", "
+        f"offset_ccd1 AS \"CCD1 offset\", offset_ccd2 AS \"CCD2 offset\", offset_ccd3 AS \"CCD3 offset\", "
+        f"verdict AS \"verdict\", flag_names AS \"flags\" FROM exposures WHERE {where} "
+        f"ORDER BY obs_time DESC, obsid DESC LIMIT 500")],
+        w=24, h=14, datasource=SQL_DS, decimals=1, options=dict(TABLE_OPTIONS, sortBy=[]),
+        description="Newest first. Offsets: mean prescan offset (ADU) of the 4 quadrants of each CCD.",
+        overrides=[
+            {"matcher": {"id": "byName", "options": "verdict"}, "properties": [
+                {"id": "mappings", "value": VERDICT_MAPPINGS},
+                {"id": "custom.cellOptions", "value": {"type": "color-background", "mode": "basic"}}]},
+            {"matcher": {"id": "byName", "options": "flags"}, "properties": [
+                {"id": "mappings", "value": FLAG_MAPPINGS},
+                {"id": "custom.cellOptions", "value": {"type": "color-text"}}]},
+            {"matcher": {"id": "byName", "options": "ObsID"}, "properties": [{"id": "decimals", "value": 0}]},
+            {"matcher": {"id": "byName", "options": "time"}, "properties": [
+                {"id": "unit", "value": "dateTimeAsIso"}]},
+        ])
+    b.add("timeseries", "Prescan offset per CCD", [sql_target(
+        f"SELECT obs_time AS \"time\", offset_ccd1 AS \"CCD1\", offset_ccd2 AS \"CCD2\", offset_ccd3 AS \"CCD3\" "
+        f"FROM exposures WHERE {where} ORDER BY obs_time", fmt="time_series")],
+        w=24, h=8, datasource=SQL_DS, unit="none", decimals=1,
+        custom=dict(TS_CUSTOM, showPoints="always", pointSize=4), options=ts_options(),
+        description="Mean prescan offset (ADU) of each CCD per exposure.")
+    return b
+
+
+def results_board() -> Board:
+    b = Board("vison-results", "vison / Results", "Analysis results from the catalogue: per test and quantity, "
+              "the per-quadrant values of a block's latest analysis and the quantity's history across tests.",
+              ["vison", "catalogue", "results"])
+    sql_variable(b, "block", "Block", "SELECT DISTINCT block FROM results ORDER BY 1")
+    sql_variable(b, "test", "Test", "SELECT DISTINCT test FROM results WHERE block = '$block' ORDER BY 1")
+    sql_variable(b, "quantity", "Quantity", "SELECT DISTINCT quantity FROM results WHERE block = '$block' "
+                 "AND test = '$test' ORDER BY 1")
+    latest = ("event_id = (SELECT event_id FROM analyses WHERE block = '$block' AND test = '$test' "
+              "AND status = 'completed' ORDER BY produced_at DESC LIMIT 1)")
+    b.add("table", "$quantity per quadrant ($test, latest analysis)", [sql_target(
+        "SELECT ccd AS \"CCD\", " + ", ".join(f"MAX(CASE WHEN quadrant = '{q}' THEN value END) AS \"{q}\""
+                                             for q in "EFGH") +
+        f", MAX(unit) AS \"unit\" FROM results WHERE {latest} AND quantity = '$quantity' GROUP BY ccd ORDER BY ccd")],
+        w=10, h=7, datasource=SQL_DS, decimals=4, options=dict(TABLE_OPTIONS),
+        custom={"cellOptions": {"type": "color-background", "mode": "gradient"}},
+        steps=[("blue", None)], extra_defaults={"color": {"mode": "continuous-BlYlRd"}},
+        overrides=[{"matcher": {"id": "byName", "options": name}, "properties": [
+            {"id": "custom.cellOptions", "value": {"type": "auto"}}]} for name in ("CCD", "unit")],
+        description="One row per CCD, one column per quadrant (E F G H).")
+    b.add("table", "$quantity values ($test, latest analysis)", [sql_target(
+        "SELECT ccd AS \"CCD\", quadrant AS \"Q\", value AS \"value\", error AS \"error\", unit AS \"unit\", "
+        "repeat AS \"repeat\", software_version AS \"version\", produced_at AS \"produced\" "
+        f"FROM results WHERE {latest} AND quantity = '$quantity' ORDER BY ccd, quadrant")],
+        w=14, h=7, datasource=SQL_DS, decimals=4, options=dict(TABLE_OPTIONS),
+        overrides=[{"matcher": {"id": "byName", "options": "produced"}, "properties": [
+            {"id": "unit", "value": "dateTimeAsIso"}]}, {"matcher": {"id": "byName", "options": "repeat"},
+                                                         "properties": [{"id": "decimals", "value": 0}]}])
+    b.add("timeseries", "History of $quantity (every test)", [sql_target(
+        "SELECT produced_at AS \"time\", ccd || '.' || quadrant AS metric, value FROM results "
+        "WHERE block = '$block' AND quantity = '$quantity' AND ccd <> '' AND value IS NOT NULL "
+        "AND $__timeFilter(produced_at) ORDER BY 1, 2", fmt="time_series")],
+        w=24, h=9, datasource=SQL_DS, decimals=4, custom=dict(TS_CUSTOM, showPoints="always", pointSize=5),
+        options=ts_options(), description="Each quadrant's value at each analysis (any test giving the quantity).")
+    b.add("table", "Analyses of $quantity", [sql_target(
+        "SELECT MAX(produced_at) AS \"produced\", test AS \"test\", repeat AS \"repeat\", "
+        "software_version AS \"version\", AVG(value) AS \"mean\", MIN(value) AS \"min\", MAX(value) AS \"max\", "
+        "COUNT(value) AS \"quadrants\" FROM results WHERE block = '$block' AND quantity = '$quantity' "
+        "AND $__timeFilter(produced_at) GROUP BY event_id, test, repeat, software_version ORDER BY 1 DESC")],
+        w=24, h=8, datasource=SQL_DS, decimals=4, options=dict(TABLE_OPTIONS),
+        overrides=[{"matcher": {"id": "byName", "options": "produced"}, "properties": [
+            {"id": "unit", "value": "dateTimeAsIso"}]}] + [
+            {"matcher": {"id": "byName", "options": n}, "properties": [{"id": "decimals", "value": 0}]}
+            for n in ("repeat", "quadrants")])
+    return b
+
+
+def fpa_grid_sql(family: str, quantity: str) -> str:
+    """12 rows (slice 6 top .. slice 1 bottom, 2 quadrant rows each) x 12 quadrant columns of one
+    family's map (a quantity may be in several families: a00 in ptc and bf)."""
+    cols = ", ".join(f"MAX(CASE WHEN v.x = {i} THEN v.value END) AS \"{name}\"" for i, name in enumerate(FPA_COLUMNS))
+    return (f"SELECT 'S' || (g.y / 2 + 1) || CASE WHEN g.y % 2 = 1 THEN ' top' ELSE ' bottom' END AS \"row\", {cols} "
+            f"FROM generate_series(0, 11) AS g(y) LEFT JOIN fpa_values v ON v.y = g.y AND v.family = '{family}' "
+            f"AND v.quantity = '{quantity}' "
+            f"GROUP BY g.y ORDER BY g.y DESC")
+
+
+def fpa_board() -> Board:
+    b = Board("vison-fpa", "vison / FPA", "The focal plane from the metatest aggregates: 12 x 12 quadrant maps of "
+              "gain, read noise (e-), dark current and PRNU (slice 6 at the top, CCD columns 1-6 with 2 quadrants "
+              "each; columns 4-6 rotated), blank where a block is missing; which blocks each family holds.",
+              ["vison", "catalogue", "fpa"])
+    b.add("table", "Blocks in", [sql_target(
+        "SELECT b.family AS \"family\", COUNT(*) FILTER (WHERE b.present) AS \"blocks in\", "
+        "COALESCE(STRING_AGG(b.block, ' ' ORDER BY b.slice, b.block) FILTER (WHERE b.present), '') AS \"in\", "
+        "COALESCE(STRING_AGG(b.block, ' ' ORDER BY b.slice, b.block) FILTER (WHERE NOT b.present), '') AS \"missing\", "
+        "MAX(f.produced_at) AS \"updated\" FROM fpa_blocks b JOIN fpa_families f ON f.family = b.family "
+        "GROUP BY b.family ORDER BY b.family")],
+        w=24, h=6, datasource=SQL_DS, decimals=0, options=dict(TABLE_OPTIONS),
+        steps=[("red", None), ("orange", 1), ("green", 12)],
+        overrides=[{"matcher": {"id": "byName", "options": "blocks in"}, "properties": [
+            {"id": "custom.cellOptions", "value": {"type": "color-background", "mode": "basic"}}]},
+            {"matcher": {"id": "byName", "options": "updated"}, "properties": [
+                {"id": "unit", "value": "dateTimeAsIso"}]}])
+    for title, family, quantity, unit, decimals in FPA_MAPS:
+        b.add("table", f"{title} ({unit})", [sql_target(fpa_grid_sql(family, quantity))], w=12, h=11,
+              datasource=SQL_DS, decimals=decimals, options=dict(TABLE_OPTIONS, showHeader=True),
+              custom={"cellOptions": {"type": "color-background", "mode": "gradient"}, "align": "center"},
+              extra_defaults={"color": {"mode": "continuous-BlYlRd"}, "noValue": ""},
+              overrides=[{"matcher": {"id": "byName", "options": "row"}, "properties": [
+                  {"id": "custom.cellOptions", "value": {"type": "auto"}}, {"id": "custom.width", "value": 80}]}],
+              description=f"{quantity} per quadrant on the FPA layout (metatest family {family}); blank = no value.")
+    return b
+
+
+def build_sql_boards() -> dict[str, Board]:
+    """The boards on the catalogue (file names relative to dashboards/)."""
+    return {f"{SQL_DIR}/vison-exposure-log.json": exposure_log_board(), f"{SQL_DIR}/vison-results.json": results_board(),
+            f"{SQL_DIR}/vison-fpa.json": fpa_board()}
+
+
+def build_sql_dashboards() -> dict[str, dict]:
+    """File name (under dashboards/) -> JSON model of every board on the SQL catalogue."""
+    return {name: board.model(refresh="30s", time_from="now-7d") for name, board in build_sql_boards().items()}
+
+
 # --------------------------------------------------------------------------- output
 def build_boards(spec: dict[str, Any] | None = None) -> dict[str, Board]:
     spec = spec or load_spec()
@@ -464,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="compare with the committed files, do not write")
     args = parser.parse_args(argv)
     stale = []
-    for name, model in build_dashboards().items():
+    for name, model in {**build_dashboards(), **build_sql_dashboards()}.items():
         path = args.out / name
         text = render(model)
         if args.check:

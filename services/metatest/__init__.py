@@ -1,4 +1,6 @@
-"""metatest: FPA-level aggregation of per-block results (maps, mosaics, gain matrix).
+"""metatest: FPA-level aggregation of the blocks' analysis results (``metatest.md``).
 
-Not built yet: no issue has asked for it so far. The folder holds its place in the architecture
-(`services/<service>/`); `vison stack up` starts only the services that exist."""
+``layout`` (the FPA and its 12 x 12 quadrant grid), ``families`` (family -> tests -> quantities),
+``aggregate`` (pure: latest results in, maps out; electrons, spares, crosstalk), ``render`` (PNG
+heat maps), ``mosaic`` (FITS mosaics), ``products`` (the files of a family), ``state`` (SQLite),
+``service`` (the bus handler), ``offline`` (``--products DIR``), ``main`` (``vison metatest``)."""
