@@ -81,3 +81,38 @@ def test_analyzer_stopped_during_a_solve_and_restarted_gives_one_result(env, tmp
     assert done[0].results["CCD3"]["H"]["n"] == 2
     doc = json.loads((Path(settings.products_root) / "BORN/QMEAN01/results.json").read_text())
     assert doc["provenance"]["job_id"] == done[0].provenance["job_id"]
+
+
+@pytest.mark.broker
+def test_workers_of_a_killed_analyzer_do_not_linger(vison_env, tmp_path):
+    """SIGKILL of the analyzer's main process: its worker processes notice that their parent is
+    gone and stop (before the fix they were re-parented to init and kept taking jobs, doubling
+    the consumers after each restart)."""
+    import os
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "analyzer", "--no-collector", "--workers", "1"],
+                            env={**os.environ, **vison_env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        children: list[int] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not children:
+            try:
+                children = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+            except OSError:
+                pass
+            time.sleep(0.2)
+        assert children, "the analyzer started no worker process"
+        time.sleep(3)  # the worker imports and connects
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 60
+        alive = list(children)
+        while alive and time.monotonic() < deadline:
+            alive = [c for c in alive if Path(f"/proc/{c}").exists() and "Z" not in Path(f"/proc/{c}/stat").read_text().split()[2]]
+            time.sleep(0.5)
+        assert not alive, f"orphaned workers still running: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

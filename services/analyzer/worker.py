@@ -50,9 +50,17 @@ class JobHandler:
                 pass
 
 
-def make_consumer(settings: Settings, report: Any = None) -> Consumer:
+def make_consumer(settings: Settings, report: Any = None, parent_pid: int | None = None) -> Consumer:
+    """The worker's consumer; with ``parent_pid`` it stops (finishing its job) once that process is
+    gone, so that the workers of a killed analyzer never linger as orphans taking jobs."""
+
+    def watch_parent(consumer: Consumer) -> None:
+        if parent_pid is not None and os.getppid() != parent_pid:
+            log.warning("worker: the analyzer process %d is gone; stopping after the current job", parent_pid)
+            consumer.stop()
+
     return Consumer(settings, "analyzer", [], JobHandler(settings, report), long_jobs=True, queue=jobs_queue(settings),
-                    model=bytes, idempotent=False, prefetch=1)
+                    model=bytes, idempotent=False, prefetch=1, tick=watch_parent if parent_pid is not None else None)
 
 
 def worker_main(index: int, env: dict[str, str] | None = None, report: Any = None) -> None:
@@ -64,7 +72,7 @@ def worker_main(index: int, env: dict[str, str] | None = None, report: Any = Non
     get_settings.cache_clear()
     settings = get_settings()
     logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s worker-{index}[%(process)d]: %(message)s")
-    consumer = make_consumer(settings, report)
+    consumer = make_consumer(settings, report, parent_pid=os.getppid())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards Ctrl-C as SIGTERM
     signal.signal(signal.SIGTERM, consumer.stop)
     consumer.run(install_signals=False)
