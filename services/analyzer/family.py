@@ -187,6 +187,20 @@ class TestRun:
     def obsids(self) -> list[int]:
         return sorted({f.obsid for f in self.frames})
 
+    def stack_paths(self, ccd: str, obsids: Sequence[int], shapes: Sequence[Sequence[int]]) -> tuple[list[str], tuple[int, int]]:
+        """The frame files of ``ccd`` for ``obsids`` (in that order: the inputs of a master
+        stack) and their common frame shape; ``shapes`` are the shapes the extractions saw.
+        ValueError naming the ObsIDs without a file, or whose shape differs from the first's."""
+        by_obsid = {f.obsid: f for f in self.frames_of(ccd)}
+        missing = [o for o in obsids if o not in by_obsid]
+        if missing:
+            raise ValueError(f"{self.label} {ccd}: no frame file for ObsID(s) {missing} (the stack needs the frames)")
+        shape = tuple(int(n) for n in shapes[0])
+        bad = [o for o, sh in zip(obsids, shapes) if tuple(int(n) for n in sh) != shape]
+        if bad:
+            raise ValueError(f"{self.label} {ccd}: frame shape of ObsID(s) {bad} differs from the first frame's {shape}")
+        return [by_obsid[o].path for o in obsids], shape  # type: ignore[return-value]
+
 
 # ------------------------------------------------------------------------------------ calibrations
 

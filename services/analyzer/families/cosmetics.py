@@ -139,17 +139,10 @@ def extract(exposure: ExposureFrames, calib: Calibrations, params: CosmeticsPara
 
 def _stack(run: TestRun, ccd: str, exs: list[CosmeticsExtraction], params: CosmeticsParams) -> tuple[np.ndarray, Geometry]:
     """Median stack of the offset-subtracted frames of ``exs`` (one CCD)."""
-    by_obsid = {f.obsid: f for f in run.frames_of(ccd)}
-    missing = [e.obsids[0] for e in exs if e.obsids[0] not in by_obsid]
-    if missing:
-        raise ValueError(f"{run.label} {ccd}: no frame file for ObsID(s) {missing} (the stack needs the frames)")
-    shape = tuple(exs[0].per_ccd[ccd].shape)
-    bad = [e.obsids[0] for e in exs if tuple(e.per_ccd[ccd].shape) != shape]
-    if bad:
-        raise ValueError(f"{run.label} {ccd}: frame shape of ObsID(s) {bad} differs from the first frame's {shape}")
+    paths, shape = run.stack_paths(ccd, [e.obsids[0] for e in exs], [e.per_ccd[ccd].shape for e in exs])
     geometry = Geometry.from_shape(shape)
     maps = [frame_row_map({q: e.per_ccd[ccd].quadrants[q].offset_ref for q in QUADRANTS}, geometry) for e in exs]
-    stack, _ = stack_frames([by_obsid[e.obsids[0]].path for e in exs], shape, subtract_row_map(maps, geometry.quad_cols),
+    stack, _ = stack_frames(paths, shape, subtract_row_map(maps, geometry.quad_cols),
                             params.stack_chunk_rows)
     return stack, geometry
 

@@ -220,19 +220,12 @@ def solve(extractions: list[DarkExtraction], calib: Calibrations, params: DarkPa
         mine = [e for e in exs if ccd in e.per_ccd]
         cx = [e.per_ccd[ccd] for e in mine]
         obsids = [e.obsids[0] for e in mine]
-        by_obsid = {f.obsid: f for f in run.frames_of(ccd)}
-        missing = [o for o in obsids if o not in by_obsid]
-        if missing:
-            raise ValueError(f"{run.label} {ccd}: no frame file for ObsID(s) {missing} (the stack needs the frames)")
-        shape = tuple(cx[0].shape)
-        bad = [o for o, c in zip(obsids, cx) if tuple(c.shape) != shape]
-        if bad:
-            raise ValueError(f"{run.label} {ccd}: frame shape of ObsID(s) {bad} differs from the first frame's {shape}")
+        paths, shape = run.stack_paths(ccd, obsids, [c.shape for c in cx])
         geometry = Geometry.from_shape(shape)
         rows = image_rows(cx[0].vstart, cx[0].vend)
         n = len(cx)
         maps = [frame_row_map({q: c.quadrants[q].offset_ref for q in QUADRANTS}, geometry) for c in cx]
-        master, err = stack_frames([by_obsid[o].path for o in obsids], shape, subtract_row_map(maps, geometry.quad_cols),
+        master, err = stack_frames(paths, shape, subtract_row_map(maps, geometry.quad_cols),
                                    params.stack_chunk_rows)
         if n == 1:  # no spread to measure: the image noise of the single frame, per quadrant
             for q in QUADRANTS:

@@ -56,7 +56,7 @@ from services.analyzer.family import (
     exposure_unit,
 )
 from services.analyzer.model import AnalysisOutput, FigureProduct, ImageProduct, ProductSink, TableProduct
-from services.analyzer.science.smooth import bin_image, fit_smooth_2d
+from services.analyzer.science.smooth import bin_image, fit_poly_bins, fit_smooth_2d
 from services.analyzer.science.stacking import stack_frames
 from services.analyzer.science.stats import clipped_stats, group_by, mad_std
 from services.analyzer.science.preprocess import row_offsets
@@ -147,34 +147,6 @@ def _bspline_basis(x: np.ndarray, t: np.ndarray, k: int) -> np.ndarray:
     return BSpline.design_matrix(np.clip(x, t[k], t[-k - 1]), t, k).toarray()
 
 
-def _poly_fit_bins(vals: np.ndarray, vy: np.ndarray, vx: np.ndarray, degree: int, nsigma: float = 5.0,
-                   maxiters: int = 3) -> tuple[np.ndarray, float]:
-    """Legendre coefficients ``c[i, j]`` (total degree <= ``degree``) fitted to block medians
-    ``vals`` (NaN = empty) with ``nsigma`` rejection of outlying blocks, and the rms of the kept
-    blocks' residuals (as :func:`~services.analyzer.science.smooth.fit_smooth_2d`, without
-    evaluating the model on the pixel grid)."""
-    ij = [(i, j) for i in range(degree + 1) for j in range(degree + 1 - i)]
-    design = np.stack([np.outer(vy[:, i], vx[:, j]).ravel() for i, j in ij], axis=1)
-    target = vals.ravel()
-    use = np.isfinite(target)
-    if use.sum() < len(ij):
-        raise ValueError(f"too few valid bins ({int(use.sum())}) for a degree-{degree} 2-D polynomial")
-    coef = np.zeros(len(ij))
-    for _ in range(max(maxiters, 1)):
-        coef, *_ = np.linalg.lstsq(design[use], target[use], rcond=None)
-        resid = target - design @ coef
-        sd = mad_std(resid[use])
-        new = np.isfinite(target) & (np.abs(resid) <= nsigma * sd) if sd > 0 else use
-        if new.sum() < len(ij) or np.array_equal(new, use):
-            break
-        use = new
-    cmat = np.zeros((degree + 1, degree + 1))
-    for c, (i, j) in zip(coef, ij):
-        cmat[i, j] = c
-    rms = float(np.sqrt(np.mean((target[use] - (design @ coef)[use]) ** 2)))
-    return cmat, rms
-
-
 def fit_flat_model(img: np.ndarray, params: FlatParams) -> tuple[FlatModel, float]:
     """Smooth model of an offset-subtracted image area (ADU) and the rms of its block residuals.
 
@@ -190,7 +162,8 @@ def fit_flat_model(img: np.ndarray, params: FlatParams) -> tuple[FlatModel, floa
     vals = binned.values
     vy = np.polynomial.legendre.legvander(2.0 * binned.yc / max(ny - 1, 1) - 1.0, params.degree)
     vx = np.polynomial.legendre.legvander(2.0 * binned.xc / max(nx - 1, 1) - 1.0, params.degree)
-    cmat, rms_poly = _poly_fit_bins(vals, vy, vx, params.degree)
+    fit = fit_poly_bins(vals, vy, vx, params.degree)
+    cmat, rms_poly = fit.coeffs, fit.rms
     if params.model == "poly":
         return FlatModel(method="poly", shape=(ny, nx), coeffs=cmat), rms_poly
     from scipy.interpolate import RectBivariateSpline

@@ -82,6 +82,46 @@ class Smooth2DModel:
     rms_resid: float
 
 
+@dataclass(frozen=True)
+class PolyBinsFit:
+    """A Legendre polynomial fitted to block medians: coefficients ``coeffs[i, j]`` (row degree i,
+    column degree j, total <= degree), the fitted values at the blocks, the blocks kept after
+    rejection and the rms of their residuals."""
+
+    coeffs: np.ndarray
+    fitted: np.ndarray
+    used: np.ndarray
+    rms: float
+
+
+def fit_poly_bins(vals: np.ndarray, vy: np.ndarray, vx: np.ndarray, degree: int, nsigma: float = 5.0,
+                  maxiters: int = 3) -> PolyBinsFit:
+    """Least-squares Legendre polynomial of total degree ``degree`` through block medians ``vals``
+    (NaN = empty block) with the basis values ``vy`` / ``vx`` at the block centres, rejecting
+    blocks beyond ``nsigma`` robust sigmas (``maxiters`` passes)."""
+    ij = [(i, j) for i in range(degree + 1) for j in range(degree + 1 - i)]
+    design = np.stack([np.outer(vy[:, i], vx[:, j]).ravel() for i, j in ij], axis=1)
+    target = vals.ravel()
+    use = np.isfinite(target)
+    if use.sum() < len(ij):
+        raise ValueError(f"too few valid bins ({int(use.sum())}) for a degree-{degree} 2-D polynomial")
+    coef = np.zeros(len(ij))
+    for _ in range(max(maxiters, 1)):
+        coef, *_ = np.linalg.lstsq(design[use], target[use], rcond=None)
+        resid = target - design @ coef
+        s = mad_std(resid[use])
+        new = np.isfinite(target) & (np.abs(resid) <= nsigma * s) if s > 0 else use
+        if new.sum() < len(ij) or np.array_equal(new, use):
+            break
+        use = new
+    cmat = np.zeros((degree + 1, degree + 1))
+    for c, (i, j) in zip(coef, ij):
+        cmat[i, j] = c
+    fitted = design @ coef
+    rms = float(np.sqrt(np.mean((target[use] - fitted[use]) ** 2)))
+    return PolyBinsFit(cmat, fitted.reshape(vals.shape), use.reshape(vals.shape), rms)
+
+
 def fit_smooth_2d(
     image: np.ndarray,
     method: Literal["poly", "spline"] = "poly",
@@ -108,26 +148,8 @@ def fit_smooth_2d(
     vals = binned.values
     vy = _legendre_basis(binned.yc, ny, degree)
     vx = _legendre_basis(binned.xc, nx, degree)
-    ij = [(i, j) for i in range(degree + 1) for j in range(degree + 1 - i)]
-    design = np.stack([np.outer(vy[:, i], vx[:, j]).ravel() for i, j in ij], axis=1)
-    target = vals.ravel()
-    use = np.isfinite(target)
-    if use.sum() < len(ij):
-        raise ValueError(f"too few valid bins ({int(use.sum())}) for a degree-{degree} 2-D polynomial")
-    coef = np.zeros(len(ij))
-    for _ in range(max(maxiters, 1)):
-        coef, *_ = np.linalg.lstsq(design[use], target[use], rcond=None)
-        resid = target - design @ coef
-        s = mad_std(resid[use])
-        new = np.isfinite(target) & (np.abs(resid) <= nsigma * s) if s > 0 else use
-        if new.sum() < len(ij) or np.array_equal(new, use):
-            break
-        use = new
-    cmat = np.zeros((degree + 1, degree + 1))
-    for c, (i, j) in zip(coef, ij):
-        cmat[i, j] = c
-    poly_bins = (design @ coef).reshape(vals.shape)
-    rms = float(np.sqrt(np.mean((target[use] - (design @ coef)[use]) ** 2)))
+    fit = fit_poly_bins(vals, vy, vx, degree, nsigma, maxiters)
+    cmat, rms, poly_bins, use = fit.coeffs, fit.rms, fit.fitted, fit.used.ravel()
     fy = _legendre_basis(np.arange(ny), ny, degree)
     fx = _legendre_basis(np.arange(nx), nx, degree)
     if method == "poly":
@@ -163,25 +185,8 @@ def fit_poly_2d(
     vals = binned.values
     vy = _legendre_basis(binned.yc, ny, degree)
     vx = _legendre_basis(binned.xc, nx, degree)
-    ij = [(i, j) for i in range(degree + 1) for j in range(degree + 1 - i)]
-    design = np.stack([np.outer(vy[:, i], vx[:, j]).ravel() for i, j in ij], axis=1)
-    target = vals.ravel()
-    use = np.isfinite(target)
-    if use.sum() < len(ij):
-        raise ValueError(f"too few valid bins ({int(use.sum())}) for a degree-{degree} 2-D polynomial")
-    coef = np.zeros(len(ij))
-    for _ in range(max(maxiters, 1)):
-        coef, *_ = np.linalg.lstsq(design[use], target[use], rcond=None)
-        resid = target - design @ coef
-        s = mad_std(resid[use])
-        new = np.isfinite(target) & (np.abs(resid) <= nsigma * s) if s > 0 else use
-        if new.sum() < len(ij) or np.array_equal(new, use):
-            break
-        use = new
-    cmat = np.zeros((degree + 1, degree + 1))
-    for c, (i, j) in zip(coef, ij):
-        cmat[i, j] = c
-    rms = float(np.sqrt(np.mean((target[use] - (design @ coef)[use]) ** 2)))
+    fit = fit_poly_bins(vals, vy, vx, degree, nsigma, maxiters)
+    cmat, rms = fit.coeffs, fit.rms
     left = (_legendre_basis(np.arange(ny), ny, degree) @ cmat).astype(np.float32)
     model = left @ _legendre_basis(np.arange(nx), nx, degree).T.astype(np.float32)
     return Smooth2DModel(model, "poly", degree, tuple(nbins), cmat, binned, rms)
