@@ -449,6 +449,19 @@ def pipeline_board() -> Board:
                  "tooltip": dict(TOOLTIP, mode="single"), "xTickLabelRotation": 0, "barWidth": 0.8, "groupWidth": 0.7},
         overrides=[{"matcher": {"id": "byRegexp", "options": ".*failed.*"},
                     "properties": [{"id": "color", "value": {"mode": "fixed", "fixedColor": "red"}}]}])
+    b.add("timeseries", "Analyzer test runs by state", [target(
+        'sum by (state) (vison_analyzer_runs)', "{{state}}")], w=8, h=8, custom=dict(TS_CUSTOM), options=ts_options(),
+        description="Test runs per state in the analyzer's coordinator: collecting, extracting, waiting (for a "
+                    "calibration), queued, solving, completed, failed (vison analyzer status lists them).")
+    b.add("table", "Solves waiting for a calibration", [target(
+        'max by (block, test, need) (vison_analyzer_waiting_needs) == 1', "{{block}} {{test}} {{need}}", instant=True,
+        fmt="table")], w=8, h=8,
+        description="Test runs whose solve waits for a declared calibration (e.g. DARK01 for BIAS01's master bias).")
+    eq = 'histogram_quantile(0.95, sum by (le, family) (rate(vison_{stage}_seconds_bucket[$__rate_interval])))'
+    b.add("timeseries", "Extraction and solve time p95 by family", [
+        target(eq.format(stage="extraction"), "{{family}} extraction", "A"),
+        target(eq.format(stage="solve"), "{{family}} solve", "B"),
+    ], w=8, h=8, unit="s", custom=dict(TS_CUSTOM), options=ts_options())
     return b
 
 
