@@ -133,3 +133,16 @@ def test_fit_bounds_in_the_right_order():
     a = vertical_amplitude(t, n, math.log10(0.4), 1500.0)
     fit = fit_dipole(t, a, n, False, (50.0, 8000.0))
     assert fit["tau_us"] == pytest.approx(1500, rel=1e-3) and fit["pc"] == pytest.approx(0.4, rel=1e-3)
+
+
+def test_modes_read_from_the_exposure_log_names(tp01):
+    """The exposure log calls the modes v_tp_mod / s_tp_mod (the scripts v_tpmod / s_tpmod):
+    with only the log's names a pumped frame keeps its mode (it was 'unknown mode 0')."""
+    _, _, _, exposures = tp01
+    pumped = next(e for e in exposures if float(e.values().get("v_tpump", 0)) == 1)
+    meta = pumped.frames["CCD1"]
+    values = {k: v for k, v in meta.values.items() if k != "v_tpmod"}
+    values["v_tp_mod"] = meta.values["v_tpmod"]
+    logged = ExposureFrames.from_frames([meta.model_copy(update={"values": values})], "BORN", loader=pumped.loader)
+    ext = FAMILY.run_extraction((logged,), Calibrations(), TPParams())
+    assert ext.quads["CCD1"]["G"].mode == int(meta.values["v_tpmod"]) and ext.quads["CCD1"]["G"].pumped == "v"

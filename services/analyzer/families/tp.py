@@ -173,10 +173,12 @@ def quadrant_tp(quad: np.ndarray, values: dict[str, Any], q: str, params: TPPara
     out = QuadTP(pumped="v" if v_p else ("s" if s_p else ""), id_dly_us=dly, row_profile=row_profile,
                  well_injected=q in well_injected_half(dly, _num(values, "toi_ch", 1000.0)),
                  row_profile_noise_adu=float(np.median(img.std(axis=0)) / math.sqrt(max(img.shape[0], 1))))
+    # the exposure log names the modes v_tp_mod / s_tp_mod (the script keys are v_tpmod / s_tpmod)
     if v_p:
-        out.mode, out.t_us, out.cycles = int(_num(values, "v_tpmod", 0)), _num(values, "toi_tp", float("nan")), int(_num(values, "v_tp_cnt", 0))
+        out.mode = int(_num(values, "v_tp_mod", _num(values, "v_tpmod", 0)))
+        out.t_us, out.cycles = _num(values, "toi_tp", float("nan")), int(_num(values, "v_tp_cnt", 0))
     elif s_p:
-        out.mode = int(_num(values, "s_tpmod", 0))
+        out.mode = int(_num(values, "s_tp_mod", _num(values, "s_tpmod", 0)))
         out.t_us = _num(values, "dwell_s", float("nan")) + SERIAL_TRANSFER_US
         out.cycles = int(_num(values, "s_tp_cnt", 0))
     if not v_p and not s_p:  # references: injection level and noise
@@ -372,5 +374,5 @@ def _draw(fig: Any, catalogue: list[dict[str, Any]]) -> None:
 
 FAMILY = Family(
     name="tp", tests=("TP01", "TP11", "TP02", "TP21"), params=TPParams, extract=extract, solve=solve, unit="exposure",
-    extraction=TPExtraction, needs=(Need(GAIN, "rerun", ("PTC01",)),), result=TPQuadResult,
+    extraction=TPExtraction, needs=(Need(GAIN, "rerun", ("PTC01",)),), result=TPQuadResult, version="2",
 )
