@@ -102,3 +102,9 @@ def test_bf01_a_matrix_and_psf_growth_from_the_ptc01_dataset(tmp_path: Path):
     order = np.argsort(mu)
     assert rho[order][-1] > 3 * rho[order][2] > 0
     assert out.provides["bf_kernel"]["files"] == {ccd: f"bf_kernels_{ccd}.fits"}
+    # BF01's prediction of the spot brighter-fatter slope, for PSF01 to compare with
+    slope = out.provides["bf_kernel"]["values"]["fwhm_slope_px"][ccd][q]
+    r = out.results[ccd][q]
+    faint = np.hypot(r["fwhm_x_faint"], r["fwhm_y_faint"]) / np.sqrt(2)
+    bright = np.hypot(r["fwhm_x_half"], r["fwhm_y_half"]) / np.sqrt(2)
+    assert slope == pytest.approx((bright - faint) / (0.5 * 65536 / 1e4)) and slope > 0

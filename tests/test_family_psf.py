@@ -104,6 +104,16 @@ def test_psf01_fwhm_and_brighter_fatter_slope_against_truth():
     assert r["e1"] == pytest.approx(half["e1"], abs=0.02) and abs(r["e2"]) < 0.02
     assert r["fwhm_slope_px"] == pytest.approx(spots.bf_slope_px_per_10k, rel=0.15)
     assert 0 < r["fwhm_slope_err_px"] < 0.15 * spots.bf_slope_px_per_10k
+    assert r["bf01_fwhm_slope_px"] is None  # no BF01 result known
+    # with BF01's prediction (the bf_kernel calibration) the measured slope is compared with it
+    from services.analyzer.family import Calibration
+
+    predicted = 0.5 * spots.bf_slope_px_per_10k
+    bf01 = Calibration(name="bf_kernel", block="BORN", test="BF01", values={"fwhm_slope_px": {"CCD1": {"E": predicted}}})
+    out = FAMILY.solve(exts, Calibrations([bf01]), PSFParams(), TestRun.of("PSF01_800", "BORN"), ListSink())
+    r = out.results["CCD1"]["E"]
+    assert r["bf01_fwhm_slope_px"] == pytest.approx(predicted)
+    assert r["bf01_slope_ratio"] == pytest.approx(r["fwhm_slope_px"] / predicted) and 1.7 < r["bf01_slope_ratio"] < 2.3
 
 
 def test_bad_spots_are_left_out_and_said():

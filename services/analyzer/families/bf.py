@@ -22,6 +22,8 @@ column), lags 0..``max_lag``:
 
 from __future__ import annotations
 
+import math
+
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -383,10 +385,22 @@ def solve(extractions: list, calib: Calibrations, params: BFParams, run: TestRun
     summary += [f"note: {n}" for n in notes]
     summary.append(f"input: {PTC_COVARIANCES} of {cal.test} ({Path(cal.files['ALL']).name})")
     a_values = {c: {q: {"a00": qa.result.a00, "a10": qa.result.a10, "a01": qa.result.a01} for q, qa in qs.items()} for c, qs in out.items()}
+    slopes = {c: {q: predicted_fwhm_slope(qa.result, p) for q, qa in qs.items()} for c, qs in out.items()}
     return AnalysisOutput(results={c: {q: qa.result.model_dump() for q, qa in qs.items()} for c, qs in out.items()},
                           flags=int(flags), parameters=p.model_dump(mode="json"), summary=summary,
                           test_values={"ptc_source": cal.test},
-                          provides={BF_KERNEL: {"values": {"a": a_values, "kernel_size": p.kernel_size}, "files": files}})
+                          provides={BF_KERNEL: {"values": {"a": a_values, "kernel_size": p.kernel_size, "fwhm_slope_px": slopes,
+                                                           "spot_fwhm_px": p.spot_fwhm}, "files": files}})
+
+
+def predicted_fwhm_slope(result: "BFQuadResult", params: BFParams) -> float | None:
+    """BF01's prediction of the point-source brighter-fatter slope: FWHM (``sqrt((x^2 + y^2) / 2)``)
+    growth from the faint to the bright model spot per 10 000 ADU of peak (px), as PSF01 measures it."""
+    faint = math.sqrt((result.fwhm_x_faint**2 + result.fwhm_y_faint**2) / 2.0)
+    bright = math.sqrt((result.fwhm_x_half**2 + result.fwhm_y_half**2) / 2.0)
+    peak_adu = params.peak_frac * FULL_SCALE
+    value = (bright - faint) / (peak_adu / 1e4)
+    return float(value) if math.isfinite(value) else None
 
 
 FAMILY = Family(

@@ -97,6 +97,10 @@ class PSFQuadResult(BaseModel):
     e2: float | None = Field(None, description="PSF: 2 Ixy/(Ixx + Iyy) at the 50 % fluence")
     fwhm_slope_px: float | None = Field(None, description="PSF: brighter-fatter, FWHM change per 10 000 ADU of fitted peak (px, > 0 grows)")
     fwhm_slope_err_px: float | None = Field(None, description="PSF: its error (px per 10 000 ADU)")
+    bf01_fwhm_slope_px: float | None = Field(None, description="PSF: BF01's predicted slope for its model spot (px per 10 000 ADU), "
+                                             "when a BF01 result (bf_kernel calibration) is known")
+    bf01_slope_ratio: float | None = Field(None, description="PSF: fwhm_slope_px / bf01_fwhm_slope_px (1: the PTC covariances "
+                                           "explain the spot broadening)")
     crosstalk_requirement_met: bool | None = Field(None, description="PSF: this quadrant as a crosstalk victim meets the requirement")
     bgd_adu: float | None = Field(None, description="median background of the image area (ADU, offset-subtracted)")
     reason: str = Field("", description="why values are missing or flagged (empty when all is well)")
@@ -438,11 +442,21 @@ def solve(extractions: list[PSFExtraction], calib: Calibrations, params: PSFPara
             flags |= Flag.BADFIT
     elif lit:
         flags = _solve_crosstalk(lit, params, results, flags, notes)
+    if not focus:
         bfc = calib.get(BF_KERNEL)
         if bfc is not None:
-            pred = bfc.values.get("fwhm_growth_pct")
+            pred = bfc.values.get("fwhm_slope_px")
             if pred:
-                test_values["bf01_prediction"] = pred
+                for ccd, quads in results.items():
+                    if not isinstance(quads, dict) or ccd not in pred:
+                        continue
+                    for q, r in quads.items():
+                        p_slope = (pred.get(ccd) or {}).get(q)
+                        if isinstance(r, dict) and p_slope:
+                            r["bf01_fwhm_slope_px"] = float(p_slope)
+                            if r.get("fwhm_slope_px") is not None:
+                                r["bf01_slope_ratio"] = float(r["fwhm_slope_px"] / p_slope)
+                test_values["bf01_source"] = bfc.test
             else:
                 notes.append(f"{BF_KERNEL} of {bfc.test} carries no spot-broadening prediction: no comparison with BF01")
     if rows:
