@@ -48,12 +48,9 @@ def broker_controllable() -> bool:
     return shutil.which("rabbitmqctl") is not None and _rabbitmqctl("status").returncode == 0
 
 
-@pytest.fixture
-def amqp_url() -> str:
-    """An AMQP URL on a fresh virtual host of the real broker, deleted after the test.
-
-    Each test sees only its own messages. Where vhosts cannot be created (no rabbitmqctl), the
-    default vhost is used and tests must rely on unique exchange / queue names."""
+def _fresh_vhost_url():
+    """Generator: the AMQP URL of a new virtual host of the real broker, deleted after use (the
+    default vhost where vhosts cannot be created: no rabbitmqctl)."""
     if not broker_available():
         pytest.skip(f"no RabbitMQ broker on {AMQP_HOST}:{AMQP_PORT} (start it with: rabbitmq-server -detached)")
     if not broker_controllable():
@@ -66,6 +63,15 @@ def amqp_url() -> str:
         yield f"amqp://{AMQP_USER}:{AMQP_PASSWORD}@{AMQP_HOST}:{AMQP_PORT}/{quote(vhost, safe='')}"
     finally:
         _rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture
+def amqp_url() -> str:
+    """An AMQP URL on a fresh virtual host of the real broker, deleted after the test.
+
+    Each test sees only its own messages. Where vhosts cannot be created (no rabbitmqctl), the
+    default vhost is used and tests must rely on unique exchange / queue names."""
+    yield from _fresh_vhost_url()
 
 
 @pytest.fixture
@@ -137,18 +143,7 @@ def amqp_module_url() -> str:
     """One fresh virtual host for a whole test module, deleted after it (each rabbitmqctl call
     costs seconds on a loaded machine). Tests on it isolate themselves with their own exchange
     and queue prefix: use ``vison_env_shared``."""
-    if not broker_available():
-        pytest.skip(f"no RabbitMQ broker on {AMQP_HOST}:{AMQP_PORT} (start it with: rabbitmq-server -detached)")
-    if not broker_controllable():
-        yield f"amqp://{AMQP_USER}:{AMQP_PASSWORD}@{AMQP_HOST}:{AMQP_PORT}/%2F"
-        return
-    vhost = f"vison-test-{uuid.uuid4().hex[:12]}"
-    assert _rabbitmqctl("add_vhost", vhost).returncode == 0
-    assert _rabbitmqctl("set_permissions", "-p", vhost, AMQP_USER, ".*", ".*", ".*").returncode == 0
-    try:
-        yield f"amqp://{AMQP_USER}:{AMQP_PASSWORD}@{AMQP_HOST}:{AMQP_PORT}/{quote(vhost, safe='')}"
-    finally:
-        _rabbitmqctl("delete_vhost", vhost)
+    yield from _fresh_vhost_url()
 
 
 @pytest.fixture
